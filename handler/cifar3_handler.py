@@ -1,0 +1,145 @@
+"""TorchServe handler for cifar3: image bytes in, {"pred_class", "probs"} out, per request of a batch.
+
+A thin adapter. The model, its preprocessing and the calibrated probabilities come from the
+``training`` modules that scripts/archive.sh packs into the .mar beside this file; every constant
+(classes, image size, mean/std, temperature) is read from the checkpoint's metadata.
+
+Accepted request forms: a raw body (``curl -T img.jpg`` / ``--data-binary @img.jpg``), a multipart
+form field ``data`` or ``file``, or a JSON body ``{"data": "<base64 image>"}``. A request that is not
+a usable image gets HTTP 400 with ``{"error": ..., "code": 400}``; the other requests of the same
+batch are answered normally.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import time
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from training.checkpoint import load_checkpoint
+from training.inference import calibrated_probs
+from training.preprocessing import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, eval_transform
+
+logger = logging.getLogger(__name__)
+
+INPUT_FIELDS = ("data", "file", "body")  # where an image may arrive, in this order of preference
+JSON_CONTENT_TYPE = "application/json"
+
+
+def request_image_bytes(request: dict, content_type: str = "") -> bytes:
+    """The image bytes of one TorchServe request, or ImageDecodeError saying what is wrong."""
+    for field in INPUT_FIELDS:
+        value = request.get(field)
+        if value is None:
+            continue
+        if isinstance(value, dict):  # a JSON body TorchServe already parsed
+            encoded = value.get("data")
+            if not isinstance(encoded, str):
+                raise ImageDecodeError('JSON body must be {"data": "<base64-encoded image>"}')
+            try:
+                return base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError):
+                raise ImageDecodeError('malformed base64 in the JSON "data" field') from None
+        if isinstance(value, list):
+            raise ImageDecodeError('JSON body must be an object {"data": "<base64-encoded image>"}, not a list')
+        if isinstance(value, str):  # text/* bodies arrive decoded as UTF-8
+            value = value.encode("utf-8")
+        if isinstance(value, (bytes, bytearray)):
+            if JSON_CONTENT_TYPE in content_type.lower():
+                raise ImageDecodeError("malformed JSON body: it is not valid JSON")
+            return bytes(value)
+        raise ImageDecodeError(f"unsupported {field!r} value of type {type(value).__name__}")
+    raise ImageDecodeError(
+        "no image in the request: send the image as the body, as multipart field 'data' or 'file', "
+        'or as JSON {"data": "<base64>"}'
+    )
+
+
+def error_body(message: str, code: int = 400) -> str:
+    return json.dumps({"error": message, "code": code})
+
+
+class Cifar3Handler(BaseHandler):
+    """ResNet18 classifier over the classes its checkpoint names."""
+
+    def initialize(self, context):
+        properties = context.system_properties
+        self.manifest = context.manifest
+        self.model_yaml_config = context.model_yaml_config or {}
+        options = self.model_yaml_config.get("handler", {}) or {}
+        if options.get("torch_threads"):
+            torch.set_num_threads(int(options["torch_threads"]))
+        gpu_id = properties.get("gpu_id")
+        use_cuda = torch.cuda.is_available() and gpu_id is not None
+        self.device = torch.device(f"cuda:{gpu_id}" if use_cuda else "cpu")
+        checkpoint = os.path.join(properties["model_dir"], self.manifest["model"]["serializedFile"])
+        self.model, self.meta = load_checkpoint(checkpoint, self.device)
+        self.model = self.model.to(memory_format=torch.channels_last)
+        self.max_pixels = int(options.get("max_image_pixels", MAX_IMAGE_PIXELS))
+        # One forward pass now, so the first real request does not pay for lazy initialisation.
+        self.inference(torch.zeros(1, 3, self.meta.image_size, self.meta.image_size))
+        self.initialized = True
+        logger.info("cifar3 model ready: %s on %s, classes %s, %d torch threads",
+                    self.meta.variant, self.device, self.meta.classes, torch.get_num_threads())
+
+    def _content_type(self, idx: int) -> str:
+        for name in ("Content-Type", "content-type"):
+            value = self.context.get_request_header(idx, name) if self.context else None
+            if value:
+                return str(value)
+        return ""
+
+    def preprocess(self, data):
+        """(normalized batch of the good requests or None, {request index: error message})."""
+        images, errors = [], {}
+        for idx, request in enumerate(data):
+            try:
+                images.append(decode_image(request_image_bytes(request, self._content_type(idx)), self.max_pixels))
+            except ImageDecodeError as exc:
+                errors[idx] = str(exc)
+        batch = eval_transform(images, self.meta.image_size, self.meta.mean, self.meta.std) if images else None
+        return batch, errors
+
+    @torch.inference_mode()
+    def inference(self, data, *args, **kwargs):
+        batch = data.to(self.device).contiguous(memory_format=torch.channels_last)
+        return calibrated_probs(self.model(batch).float().cpu(), self.meta.temperature)
+
+    def postprocess(self, data):
+        classes = self.meta.classes
+        return [
+            {"pred_class": classes[int(row.argmax())], "probs": {c: float(p) for c, p in zip(classes, row.tolist())}}
+            for row in data
+        ]
+
+    def handle(self, data, context):
+        started = time.perf_counter()
+        self.context = context
+        if self._is_describe():
+            return [self.describe_handle()]
+        batch, errors = self.preprocess(data)
+        answers = iter(self.postprocess(self.inference(batch)) if batch is not None else [])
+        responses = []
+        for idx in range(len(data)):
+            context.set_response_content_type(idx, JSON_CONTENT_TYPE)
+            if idx in errors:
+                context.set_response_status(400, "Bad Request", idx)
+                responses.append(error_body(errors[idx]))
+            else:
+                responses.append(json.dumps(next(answers)))
+        context.metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2), None, "ms")
+        return responses
+
+    def describe_handle(self):
+        meta = self.meta
+        return json.dumps({
+            "classes": meta.classes, "variant": meta.variant, "image_size": meta.image_size,
+            "val_accuracy": meta.val_accuracy, "temperature": meta.temperature, "trained": meta.created,
+            "epoch": meta.epoch, "device": str(self.device), "max_image_pixels": self.max_pixels,
+        })

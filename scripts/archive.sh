@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Pack a checkpoint and the handler into model_store/cifar3.mar.
+#
+#   scripts/archive.sh [CHECKPOINT]        (default: checkpoints/cifar3.pt)
+#
+# The archive is self-contained: the handler, the shared training modules it imports
+# (model, preprocessing, checkpoint, inference), index_to_name.json generated from the
+# checkpoint's classes, and handler/model-config.yaml. A plain TorchServe with torch,
+# torchvision, pillow and pyyaml serves it. Env: MODEL_STORE (default model_store), MODEL_NAME.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+checkpoint="${1:-$root/checkpoints/cifar3.pt}"
+model_store="${MODEL_STORE:-$root/model_store}"
+model_name="${MODEL_NAME:-cifar3}"
+python="${PYTHON:-$root/.venv/bin/python}"
+[ -x "$python" ] || python="$(command -v python3)"
+
+if [ ! -f "$checkpoint" ]; then
+  echo "error: checkpoint not found: $checkpoint" >&2
+  echo "Train one first:  .venv/bin/python -m training.train --data ../shared/data/cifar3/train --out $checkpoint" >&2
+  exit 2
+fi
+command -v torch-model-archiver >/dev/null || PATH="$root/.venv/bin:$PATH"
+
+stage="$(mktemp -d)"
+trap 'rm -rf "$stage"' EXIT
+# The handler imports `training.<module>`: keep the package folder inside the staged extra files
+# (torch-model-archiver copies a folder's contents to the archive root, which is on sys.path).
+mkdir -p "$stage/extra/training"
+for module in __init__ model preprocessing checkpoint inference; do
+  cp "$root/training/$module.py" "$stage/extra/training/"
+done
+# index_to_name.json from the checkpoint itself (also validates that it loads).
+PYTHONPATH="$root" "$python" - "$checkpoint" "$stage/extra/index_to_name.json" <<'PY'
+import json, sys
+from training.checkpoint import CheckpointError, load_checkpoint
+try:
+    _, meta = load_checkpoint(sys.argv[1])
+except CheckpointError as exc:
+    sys.exit(f"error: {exc}")
+json.dump({str(i): name for i, name in enumerate(meta.classes)}, open(sys.argv[2], "w"))
+print(f"checkpoint: {meta.variant}, classes {meta.classes}, validation accuracy {meta.val_accuracy}")
+PY
+cp "$checkpoint" "$stage/$model_name.pt"
+
+mkdir -p "$model_store"
+torch-model-archiver --force \
+  --model-name "$model_name" --version 1.0 \
+  --serialized-file "$stage/$model_name.pt" \
+  --handler "$root/handler/cifar3_handler.py" \
+  --extra-files "$stage/extra" \
+  --config-file "$root/handler/model-config.yaml" \
+  --export-path "$model_store"
+echo "wrote $model_store/$model_name.mar ($(du -h "$model_store/$model_name.mar" | cut -f1))"

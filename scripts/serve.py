@@ -1,0 +1,274 @@
+"""Start, stop and query the cifar3 TorchServe, and send it an image.
+
+    .venv/bin/python scripts/serve.py start      # waits until cifar3 is READY, prints URLs and token file
+    .venv/bin/python scripts/serve.py status     # exit 0 only when the model has a READY worker
+    .venv/bin/python scripts/serve.py predict plane.jpg
+    .venv/bin/python scripts/serve.py stop
+
+Run state lives in ``run/`` (git-ignored): TorchServe starts there, so ``run/key_file.json`` holds
+the tokens (mode 600), ``run/logs/`` the logs, ``run/tmp/`` the pid file. ``--config`` and
+``--run-dir`` let tests run servers of their own on other ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "config.properties"
+DEFAULT_RUN_DIR = ROOT / "run"
+DEFAULT_MODEL = "cifar3"
+# Log lines by which TorchServe says a model will never load (e.g. a corrupt .mar).
+LOAD_FAILURE = re.compile(r"Failed (to )?(load|register) model|ModelNotFoundException|InvalidModelException|"
+                          r"BadZipFile|zip END header not found|Failed to unzip|load_models.*failed", re.I)
+
+
+class ServerError(RuntimeError):
+    """The server cannot be started or used; the message says why and what to do."""
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    props = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+@dataclass
+class Server:
+    """Where one TorchServe instance listens and keeps its state."""
+
+    config: Path = DEFAULT_CONFIG
+    run_dir: Path = DEFAULT_RUN_DIR
+    model: str = DEFAULT_MODEL
+
+    def __post_init__(self):
+        self.config, self.run_dir = Path(self.config).resolve(), Path(self.run_dir).resolve()
+        props = read_properties(self.config)
+        self.inference_url = props.get("inference_address", "http://127.0.0.1:8080")
+        self.management_url = props.get("management_address", "http://127.0.0.1:8081")
+        self.metrics_url = props.get("metrics_address", "http://127.0.0.1:8082")
+        store = Path(props.get("model_store", "model_store"))
+        self.model_store = store if store.is_absolute() else (self.config.parent / store).resolve()
+
+    @property
+    def key_file(self) -> Path:
+        return self.run_dir / "key_file.json"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.run_dir / "tmp"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.tmp_dir / ".model_server.pid"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    def token(self, api: str = "inference") -> str:
+        """The current key for 'inference' or 'management' from key_file.json."""
+        try:
+            return json.loads(self.key_file.read_text())[api]["key"]
+        except (OSError, ValueError, KeyError):
+            raise ServerError(f"no {api} token in {self.key_file}: is the server running (serve.py start)?") from None
+
+    def headers(self, api: str = "inference") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(api)}"}
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        venv_bin = str(Path(sys.executable).parent)
+        env.update(
+            TMPDIR=str(self.tmp_dir), LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir),
+            PATH=f"{venv_bin}{os.pathsep}{env.get('PATH', '')}",
+        )
+        return env
+
+    def start(self, timeout: float = 180.0) -> None:
+        """Start TorchServe (no snapshot restored) and wait until the model has a READY worker."""
+        if self.pid():
+            raise ServerError(f"a server from {self.run_dir} is already running (pid {self.pid()}); stop it first")
+        torchserve = shutil.which("torchserve", path=self._env()["PATH"])
+        if not torchserve:
+            raise ServerError("torchserve not found: run scripts/setup.sh to install the environment")
+        if not shutil.which("java"):
+            raise ServerError("java not found: TorchServe needs Java 17 (apt-get install -y openjdk-17-jre-headless)")
+        mar = self.model_store / f"{self.model}.mar"
+        if not mar.is_file():
+            raise ServerError(f"{mar} not found: build it with scripts/archive.sh")
+        for folder in (self.run_dir, self.tmp_dir, self.log_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.key_file.unlink(missing_ok=True)
+        out = self.run_dir / "torchserve.out"
+        old_umask = os.umask(0o077)  # key_file.json and logs readable by this user only
+        try:
+            with open(out, "wb") as log:  # a file, not a pipe: Java keeps this descriptor open
+                subprocess.run(
+                    [torchserve, "--start", "--ncs", "--ts-config", str(self.config), "--model-store", str(self.model_store)],
+                    cwd=self.run_dir, env=self._env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    check=True, timeout=60,
+                )
+        finally:
+            os.umask(old_umask)
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.state()
+            if state["ready"]:
+                if self.key_file.exists():
+                    self.key_file.chmod(0o600)
+                return
+            failure = self.load_failure()
+            if failure or not self.pid() and time.monotonic() > deadline - timeout + 10:
+                raise ServerError(f"model {self.model} failed to load: {failure or 'TorchServe exited'} "
+                                  f"(see {self.log_dir}/ts_log.log)")
+            if time.monotonic() > deadline:
+                raise ServerError(f"model {self.model} not ready after {timeout:.0f}s: {state['reason']} "
+                                  f"(see {self.log_dir}/model_log.log)")
+            time.sleep(0.5)
+
+    def load_failure(self) -> str | None:
+        log = self.log_dir / "ts_log.log"
+        if not log.exists():
+            return None
+        for line in log.read_text(errors="replace").splitlines():
+            if LOAD_FAILURE.search(line):
+                return line.strip()[-300:]
+        return None
+
+    def state(self) -> dict:
+        """{'ping': bool, 'ready': bool, 'workers': [...], 'reason': str} from /ping and the management API."""
+        state = {"ping": False, "ready": False, "workers": [], "reason": ""}
+        try:
+            state["ping"] = requests.get(f"{self.inference_url}/ping", timeout=5).ok
+            response = requests.get(f"{self.management_url}/models/{self.model}", headers=self.headers("management"), timeout=5)
+        except requests.RequestException:
+            state["reason"] = f"server not reachable at {self.inference_url}"
+            return state
+        except ServerError as exc:
+            state["reason"] = str(exc)
+            return state
+        if response.status_code == 404:
+            failure = self.load_failure()
+            state["reason"] = f"model {self.model} is not loaded" + (f": {failure}" if failure else "")
+            return state
+        if not response.ok:
+            state["reason"] = f"management API answered HTTP {response.status_code}: {response.text[:200]}"
+            return state
+        workers = response.json()[0].get("workers", [])
+        state["workers"] = workers
+        state["batch_size"] = response.json()[0].get("batchSize")
+        state["ready"] = any(w.get("status") == "READY" for w in workers)
+        state["reason"] = "" if state["ready"] else f"model {self.model} has no READY worker ({len(workers)} workers)"
+        return state
+
+    def stop(self, timeout: float = 60.0) -> bool:
+        """Stop the server and wait for Java and its workers to exit. False if none was running."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        subprocess.run(["torchserve", "--stop"], env=self._env(), cwd=self.run_dir,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False, timeout=60)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def predict(self, image: Path) -> requests.Response:
+        with open(image, "rb") as f:
+            return requests.post(f"{self.inference_url}/predictions/{self.model}", data=f, headers=self.headers(), timeout=60)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie child counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/serve.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TorchServe config.properties")
+    parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help="folder for keys, logs and pid file")
+    sub = parser.add_subparsers(dest="command", required=True)
+    start = sub.add_parser("start", help="start TorchServe and wait until the model is READY")
+    start.add_argument("--timeout", type=float, default=180.0)
+    sub.add_parser("stop", help="stop TorchServe")
+    sub.add_parser("status", help="exit 0 when the model has a READY worker")
+    predict = sub.add_parser("predict", help="classify an image file")
+    predict.add_argument("image", type=Path)
+    args = parser.parse_args(argv)
+    server = Server(args.config, args.run_dir)
+    try:
+        if args.command == "start":
+            started = time.monotonic()
+            server.start(args.timeout)
+            print(f"cifar3 is READY after {time.monotonic() - started:.1f}s\n"
+                  f"  inference:  {server.inference_url}/predictions/{server.model}\n"
+                  f"  management: {server.management_url}/models/{server.model}\n"
+                  f"  metrics:    {server.metrics_url}/metrics\n"
+                  f"  tokens:     {server.key_file}  (send 'Authorization: Bearer <key>')\n"
+                  f"  logs:       {server.log_dir}\n"
+                  f"  try:        curl -H \"Authorization: Bearer $(jq -r .inference.key {server.key_file})\" "
+                  f"{server.inference_url}/predictions/{server.model} -T IMAGE")
+        elif args.command == "stop":
+            print("stopped" if server.stop() else f"no server running from {server.run_dir}")
+        elif args.command == "status":
+            state = server.state()
+            workers = ", ".join(f"{w.get('id')}:{w.get('status')}" for w in state["workers"]) or "none"
+            print(f"ping: {'healthy' if state['ping'] else 'down'}; model {server.model}: "
+                  f"{'READY' if state['ready'] else 'NOT READY'}; workers: {workers}"
+                  + (f"; {state['reason']}" if state["reason"] else ""))
+            return 0 if state["ready"] else 1
+        elif args.command == "predict":
+            if not args.image.is_file():
+                raise ServerError(f"image not found: {args.image}")
+            response = server.predict(args.image)
+            print(json.dumps(response.json(), indent=2) if response.content else f"HTTP {response.status_code}")
+            return 0 if response.ok else 1
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except requests.RequestException as exc:
+        print(f"error: server not reachable at {server.inference_url} ({exc.__class__.__name__}); "
+              "start it with scripts/serve.py start", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
