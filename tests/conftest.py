@@ -1,0 +1,99 @@
+"""Shared fixtures: synthetic data, a tiny model trained by the real CLI, its .mar, a real TorchServe."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from scripts.serve import Server, read_properties  # noqa: E402
+from synthetic import write_cifar_batches, write_image_folder  # noqa: E402
+
+PYTHON = sys.executable
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a project command the way a user does; output captured as text."""
+    return subprocess.run(
+        [*args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def write_server_config(folder: Path, model_store: Path, **overrides: str) -> Path:
+    """The repository's config.properties with free loopback ports and the given model store."""
+    inference, management, metrics = free_ports(3)
+    props = read_properties(ROOT / "config.properties")
+    props.update(
+        inference_address=f"http://127.0.0.1:{inference}",
+        management_address=f"http://127.0.0.1:{management}",
+        metrics_address=f"http://127.0.0.1:{metrics}",
+        model_store=str(model_store),
+        **overrides,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.properties"
+    path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+    return path
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("images") / "train", per_class=60)
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory) -> Path:
+    return write_cifar_batches(tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, image_folder) -> Path:
+    """A real checkpoint from the real training CLI, in seconds: 2 epochs on 180 synthetic images."""
+    out = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    result = run_cli(PYTHON, "-m", "training.train", "--data", str(image_folder), "--out", str(out),
+                     "--epochs", "2", "--batch-size", "32", "--lr", "0.05", "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory, tiny_checkpoint) -> Path:
+    store = tmp_path_factory.mktemp("model_store")
+    result = run_cli("bash", str(ROOT / "scripts" / "archive.sh"), str(tiny_checkpoint), env={"MODEL_STORE": str(store)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (store / "cifar3.mar").is_file()
+    return store
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, model_store):
+    """A real TorchServe on free loopback ports serving the tiny model, for the whole session."""
+    folder = tmp_path_factory.mktemp("torchserve")
+    srv = Server(write_server_config(folder, model_store), folder / "run")
+    try:
+        srv.start(timeout=240)
+    except Exception:
+        srv.stop()
+        raise
+    yield srv
+    srv.stop()
