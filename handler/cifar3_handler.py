@@ -85,8 +85,13 @@ class Cifar3Handler(BaseHandler):
         # One forward pass now, so the first real request does not pay for lazy initialisation.
         self.inference(torch.zeros(1, 3, self.meta.image_size, self.meta.image_size))
         self.initialized = True
-        logger.info("cifar3 model ready: %s on %s, classes %s, %d torch threads",
-                    self.meta.variant, self.device, self.meta.classes, torch.get_num_threads())
+        logger.info(
+            "cifar3 model ready: %s on %s, classes %s, %d torch threads",
+            self.meta.variant,
+            self.device,
+            self.meta.classes,
+            torch.get_num_threads(),
+        )
 
     def _content_type(self, idx: int) -> str:
         for name in ("Content-Type", "content-type"):
@@ -114,7 +119,10 @@ class Cifar3Handler(BaseHandler):
     def postprocess(self, data):
         classes = self.meta.classes
         return [
-            {"pred_class": classes[int(row.argmax())], "probs": {c: float(p) for c, p in zip(classes, row.tolist())}}
+            {
+                "pred_class": classes[int(row.argmax())],
+                "probs": {c: float(p) for c, p in zip(classes, row.tolist(), strict=False)},
+            }
             for row in data
         ]
 
@@ -138,8 +146,16 @@ class Cifar3Handler(BaseHandler):
 
     def describe_handle(self):
         meta = self.meta
-        return json.dumps({
-            "classes": meta.classes, "variant": meta.variant, "image_size": meta.image_size,
-            "val_accuracy": meta.val_accuracy, "temperature": meta.temperature, "trained": meta.created,
-            "epoch": meta.epoch, "device": str(self.device), "max_image_pixels": self.max_pixels,
-        })
+        return json.dumps(
+            {
+                "classes": meta.classes,
+                "variant": meta.variant,
+                "image_size": meta.image_size,
+                "val_accuracy": meta.val_accuracy,
+                "temperature": meta.temperature,
+                "trained": meta.created,
+                "epoch": meta.epoch,
+                "device": str(self.device),
+                "max_image_pixels": self.max_pixels,
+            }
+        )

@@ -104,7 +104,7 @@ class Server:
         env = dict(os.environ)
         venv_bin = str(Path(sys.executable).parent)
         env.update(
-            TMPDIR=str(self.tmp_dir), LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir),
+            TMPDIR=str(self.tmp_dir), TEMP=str(self.tmp_dir), LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir),
             PATH=f"{venv_bin}{os.pathsep}{env.get('PATH', '')}",
         )
         return env

@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from scripts.serve import Server, read_properties  # noqa: E402
 from synthetic import write_cifar_batches, write_image_folder  # noqa: E402
+
+from scripts.serve import Server, read_properties  # noqa: E402
 
 PYTHON = sys.executable
 ARTIFACTS = ROOT / "test-artifacts"
@@ -24,7 +25,11 @@ ARTIFACTS = ROOT / "test-artifacts"
 def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a project command the way a user does; output captured as text."""
     return subprocess.run(
-        [*args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        [*args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )
 
@@ -70,8 +75,23 @@ def cifar_dir(tmp_path_factory) -> Path:
 def tiny_checkpoint(tmp_path_factory, image_folder) -> Path:
     """A real checkpoint from the real training CLI, in seconds: 2 epochs on 180 synthetic images."""
     out = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    result = run_cli(PYTHON, "-m", "training.train", "--data", str(image_folder), "--out", str(out),
-                     "--epochs", "2", "--batch-size", "32", "--lr", "0.05", "--device", "cpu")
+    result = run_cli(
+        PYTHON,
+        "-m",
+        "training.train",
+        "--data",
+        str(image_folder),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.05",
+        "--device",
+        "cpu",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -79,7 +99,9 @@ def tiny_checkpoint(tmp_path_factory, image_folder) -> Path:
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory, tiny_checkpoint) -> Path:
     store = tmp_path_factory.mktemp("model_store")
-    result = run_cli("bash", str(ROOT / "scripts" / "archive.sh"), str(tiny_checkpoint), env={"MODEL_STORE": str(store)})
+    result = run_cli(
+        "bash", str(ROOT / "scripts" / "archive.sh"), str(tiny_checkpoint), env={"MODEL_STORE": str(store)}
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (store / "cifar3.mar").is_file()
     return store

@@ -62,9 +62,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     """Rebuild the model described by the checkpoint, weights loaded, in eval mode on device."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(
-            f"checkpoint not found: {path}. Train one first: python -m training.train --out {path}"
-        )
+        raise CheckpointError(f"checkpoint not found: {path}. Train one first: python -m training.train --out {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

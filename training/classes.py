@@ -17,9 +17,7 @@ def parse_classes(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in CIFAR10_CLASSES]
     if unknown:
-        raise ValueError(
-            f"unknown class name(s): {', '.join(unknown)}; CIFAR-10 has {', '.join(CIFAR10_CLASSES)}"
-        )
+        raise ValueError(f"unknown class name(s): {', '.join(unknown)}; CIFAR-10 has {', '.join(CIFAR10_CLASSES)}")
     if len(names) < 2 or len(set(names)) != len(names):
         raise ValueError(f"need at least two distinct class names, got {text!r}")
     return names

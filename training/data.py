@@ -49,7 +49,9 @@ def load_split(source: str, classes: list[str], split: str, data_root: Path = DE
         return _load_cifar_batches(_download_cifar10(data_root), classes, split)
     path = Path(source).expanduser()
     if not path.exists():
-        raise DataError(f"data path not found: {path}. Pass 'cifar10', a cifar-10-batches-py folder or an image folder.")
+        raise DataError(
+            f"data path not found: {path}. Pass 'cifar10', a cifar-10-batches-py folder or an image folder."
+        )
     if not path.is_dir():
         raise DataError(f"data path is not a folder: {path}")
     for candidate in (path, path / CIFAR_DIR):

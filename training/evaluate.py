@@ -21,7 +21,7 @@ import torch
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
 from training.checkpoint import CheckpointError, ModelMeta, load_checkpoint
-from training.data import DataError, load_split
+from training.data import DEFAULT_DATA_ROOT, DataError, load_split
 from training.inference import calibrated_probs, predict_logits
 
 
@@ -30,7 +30,7 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     confidence, predicted = probs.max(1), probs.argmax(1)
     edges = np.linspace(0.0, 1.0, bins + 1)
     ece = 0.0
-    for low, high in zip(edges[:-1], edges[1:]):
+    for low, high in zip(edges[:-1], edges[1:], strict=False):
         in_bin = (confidence > low) & (confidence <= high)
         if in_bin.any():
             ece += in_bin.mean() * abs((predicted[in_bin] == labels[in_bin]).mean() - confidence[in_bin].mean())
@@ -52,7 +52,9 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
     plt.close(fig)
 
 
-def evaluate(model: torch.nn.Module, meta: ModelMeta, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict, np.ndarray]:
+def evaluate(
+    model: torch.nn.Module, meta: ModelMeta, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[dict, np.ndarray]:
     """(metrics, calibrated probabilities N x C) for uint8 images with labels in meta.classes order."""
     probs = calibrated_probs(predict_logits(model, images, meta.mean, meta.std), meta.temperature).numpy()
     y_true, y_pred = labels.numpy(), probs.argmax(1)
@@ -66,8 +68,10 @@ def evaluate(model: torch.nn.Module, meta: ModelMeta, images: torch.Tensor, labe
         "ece": round(expected_calibration_error(probs, y_true), 5),
         "classes": meta.classes,
         "per_class": {
-            name: {k: round(float(report[name][k]), 5) if k != "support" else int(report[name][k])
-                   for k in ("precision", "recall", "f1-score", "support")}
+            name: {
+                k: round(float(report[name][k]), 5) if k != "support" else int(report[name][k])
+                for k in ("precision", "recall", "f1-score", "support")
+            }
             for name in meta.classes
         },
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=label_ids).tolist(),
@@ -81,8 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--data", default="cifar10", help="'cifar10', a cifar-10-batches-py folder, or an image folder")
+    p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT, help="download cache for --data cifar10")
     p.add_argument("--report-dir", type=Path, default=Path("reports/eval"))
-    p.add_argument("--predictions", action="store_true", help="also write DIR/predictions.csv (per-image probabilities)")
+    p.add_argument(
+        "--predictions", action="store_true", help="also write DIR/predictions.csv (per-image probabilities)"
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         model, meta = load_checkpoint(args.checkpoint, args.device)
-        data = load_split(args.data, meta.classes, "test")
+        data = load_split(args.data, meta.classes, "test", args.data_root)
     except (CheckpointError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -100,11 +107,23 @@ def main(argv: list[str] | None = None) -> int:
     args.report_dir.mkdir(parents=True, exist_ok=True)
     y_pred = probs.argmax(1)
     print(f"{data.source}: {metrics['n']} images, accuracy {metrics['accuracy']:.4f}, ECE {metrics['ece']:.4f}\n")
-    print(classification_report(data.labels.numpy(), y_pred, labels=list(range(len(meta.classes))),
-                                target_names=meta.classes, digits=4, zero_division=0))
+    print(
+        classification_report(
+            data.labels.numpy(),
+            y_pred,
+            labels=list(range(len(meta.classes))),
+            target_names=meta.classes,
+            digits=4,
+            zero_division=0,
+        )
+    )
     (args.report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    plot_confusion(np.array(metrics["confusion_matrix"]), meta.classes, args.report_dir / "confusion_matrix.png",
-                   f"cifar3 {meta.variant}: accuracy {metrics['accuracy']:.2%} (n={metrics['n']})")
+    plot_confusion(
+        np.array(metrics["confusion_matrix"]),
+        meta.classes,
+        args.report_dir / "confusion_matrix.png",
+        f"cifar3 {meta.variant}: accuracy {metrics['accuracy']:.2%} (n={metrics['n']})",
+    )
     if args.predictions:
         with open(args.report_dir / "predictions.csv", "w", newline="") as f:
             writer = csv.writer(f)

@@ -46,9 +46,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image
     if width <= 0 or height <= 0:
         raise ImageDecodeError(f"invalid image dimensions {width}x{height}")
     if width * height > max_pixels:
-        raise ImageDecodeError(
-            f"image too large: {width}x{height} pixels (limit {max_pixels:,} pixels)"
-        )
+        raise ImageDecodeError(f"image too large: {width}x{height} pixels (limit {max_pixels:,} pixels)")
     try:
         image.seek(0)
         image.load()

@@ -20,7 +20,7 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from training.checkpoint import ModelMeta, save_checkpoint
 from training.classes import DEFAULT_CLASSES, parse_classes
-from training.data import DataError, Dataset, limit_per_class, load_split, stratified_split
+from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, limit_per_class, load_split, stratified_split
 from training.inference import fit_temperature, predict_logits
 from training.model import VARIANTS, build_model
 from training.preprocessing import CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE, normalize
@@ -58,17 +58,31 @@ PRESETS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default="cifar10",
-                   help="'cifar10' (download to data/), a cifar-10-batches-py folder, or an image folder "
-                        "with one sub-folder per class")
+    p = argparse.ArgumentParser(
+        prog="python -m training.train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--data",
+        default="cifar10",
+        help="'cifar10' (download to data/), a cifar-10-batches-py folder, or an image folder "
+        "with one sub-folder per class",
+    )
+    p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT, help="download cache for --data cifar10")
     p.add_argument("--out", type=Path, default=Path("checkpoints/cifar3.pt"), help="checkpoint to write")
-    p.add_argument("--classes", default=",".join(DEFAULT_CLASSES),
-                   help="comma-separated CIFAR-10 class names; label i is the i-th name")
+    p.add_argument(
+        "--classes",
+        default=",".join(DEFAULT_CLASSES),
+        help="comma-separated CIFAR-10 class names; label i is the i-th name",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
-                   help="training recipe; auto = gpu on CUDA, cpu otherwise")
+    p.add_argument(
+        "--preset",
+        choices=["auto", *PRESETS],
+        default="auto",
+        help="training recipe; auto = gpu on CUDA, cpu otherwise",
+    )
     p.add_argument("--variant", choices=list(VARIANTS), help="override the preset's model variant")
     p.add_argument("--epochs", type=int, help="override the preset's epoch count")
     p.add_argument("--batch-size", type=int, help="override the preset's batch size")
@@ -113,7 +127,9 @@ def augment(images: torch.Tensor, recipe: Recipe, gen: torch.Generator) -> torch
     return images
 
 
-def evaluate_split(model: nn.Module, data: Dataset, mean, std, label_smoothing: float) -> tuple[float, float, torch.Tensor]:
+def evaluate_split(
+    model: nn.Module, data: Dataset, mean, std, label_smoothing: float
+) -> tuple[float, float, torch.Tensor]:
     """(loss, accuracy, logits) on a held-out split."""
     model.eval()
     logits = predict_logits(model, data.images, mean, std)
@@ -155,10 +171,13 @@ def train(args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     started = time.perf_counter()
 
-    data = limit_per_class(load_split(args.data, classes, "train"), args.limit, args.seed)
+    data = limit_per_class(load_split(args.data, classes, "train", args.data_root), args.limit, args.seed)
     train_set, val_set = stratified_split(data, args.val_fraction, args.seed)
-    print(f"data: {data.source}: {len(train_set)} train / {len(val_set)} validation images, "
-          f"classes {classes}; preset {preset} on {device}: {asdict(recipe)}", flush=True)
+    print(
+        f"data: {data.source}: {len(train_set)} train / {len(val_set)} validation images, "
+        f"classes {classes}; preset {preset} on {device}: {asdict(recipe)}",
+        flush=True,
+    )
     train_images, train_labels = train_set.images.to(device), train_set.labels.to(device)
     mean, std = list(CIFAR10_MEAN), list(CIFAR10_STD)
 
@@ -167,7 +186,9 @@ def train(args: argparse.Namespace) -> dict:
     no_decay = [p for p in model.parameters() if p.ndim <= 1]  # biases and norm scales
     optimizer = torch.optim.SGD(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.lr, momentum=0.9, nesterov=True,
+        lr=recipe.lr,
+        momentum=0.9,
+        nesterov=True,
     )
     steps_per_epoch = max(1, len(train_set) // recipe.batch_size)  # drop the last partial batch
     scheduler = torch.optim.lr_scheduler.OneCycleLR(  # needs a few steps per phase: pad tiny runs
@@ -177,10 +198,22 @@ def train(args: argparse.Namespace) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     meta = ModelMeta(
-        variant=recipe.variant, classes=classes, image_size=IMAGE_SIZE, mean=mean, std=std,
-        train_config={**asdict(recipe), "preset": preset, "data": str(args.data), "limit": args.limit,
-                      "val_fraction": args.val_fraction, "seed": args.seed, "device": str(device),
-                      "torch": str(torch.__version__), "train_images": len(train_set)},
+        variant=recipe.variant,
+        classes=classes,
+        image_size=IMAGE_SIZE,
+        mean=mean,
+        std=std,
+        train_config={
+            **asdict(recipe),
+            "preset": preset,
+            "data": str(args.data),
+            "limit": args.limit,
+            "val_fraction": args.val_fraction,
+            "seed": args.seed,
+            "device": str(device),
+            "torch": str(torch.__version__),
+            "train_images": len(train_set),
+        },
     )
     log_path, plot_path = args.out.with_suffix(".log.jsonl"), args.out.with_suffix(".curves.png")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -194,8 +227,9 @@ def train(args: argparse.Namespace) -> dict:
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         seen = 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{recipe.epochs}", unit="batch",
-                   disable=None, leave=False)
+        bar = tqdm(
+            range(steps_per_epoch), desc=f"epoch {epoch}/{recipe.epochs}", unit="batch", disable=None, leave=False
+        )
         for step in bar:
             idx = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
             batch = augment(train_images[idx], recipe, gen)
@@ -214,16 +248,20 @@ def train(args: argparse.Namespace) -> dict:
         train_time = time.perf_counter() - epoch_start
         val_loss, val_acc, _ = evaluate_split(model, val_set, mean, std, recipe.label_smoothing)
         record = {
-            "epoch": epoch, "train_loss": round(loss_sum.item() / seen, 5),
-            "train_acc": round(correct.item() / seen, 5), "val_loss": round(val_loss, 5),
-            "val_acc": round(val_acc, 5), "lr": round(scheduler.get_last_lr()[0], 6),
+            "epoch": epoch,
+            "train_loss": round(loss_sum.item() / seen, 5),
+            "train_acc": round(correct.item() / seen, 5),
+            "val_loss": round(val_loss, 5),
+            "val_acc": round(val_acc, 5),
+            "lr": round(scheduler.get_last_lr()[0], 6),
             "epoch_time_s": round(time.perf_counter() - epoch_start, 2),
-            "images_per_s": round(seen / train_time, 1), "best": val_acc > best_acc,
+            "images_per_s": round(seen / train_time, 1),
+            "best": val_acc > best_acc,
         }
         if val_acc > best_acc:
             best_acc = val_acc
             meta.val_accuracy, meta.epoch = round(val_acc, 5), epoch
-            meta.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            meta.created = datetime.now(UTC).isoformat(timespec="seconds")
             save_checkpoint(args.out, model, meta)
         history.append(record)
         with log_path.open("a") as log:
@@ -244,10 +282,18 @@ def train(args: argparse.Namespace) -> dict:
     meta.temperature = round(fit_temperature(val_logits, val_set.labels), 5)
     save_checkpoint(args.out, best_model, meta)
     plot_curves(history, plot_path)
-    summary = {"checkpoint": str(args.out), "val_accuracy": meta.val_accuracy, "best_epoch": meta.epoch,
-               "temperature": meta.temperature, "preset": preset, "variant": recipe.variant,
-               "device": str(device), "wall_time_s": round(time.perf_counter() - started, 1),
-               "log": str(log_path), "curves": str(plot_path)}
+    summary = {
+        "checkpoint": str(args.out),
+        "val_accuracy": meta.val_accuracy,
+        "best_epoch": meta.epoch,
+        "temperature": meta.temperature,
+        "preset": preset,
+        "variant": recipe.variant,
+        "device": str(device),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "log": str(log_path),
+        "curves": str(plot_path),
+    }
     print(json.dumps(summary), flush=True)
     return summary
 

@@ -1,0 +1,169 @@
+"""Streamlit upload page for the cifar3 model served by TorchServe.
+
+Start TorchServe first (``.venv/bin/python scripts/serve.py start``), then, from the repository root:
+
+    .venv/bin/streamlit run ui/app.py --server.address 127.0.0.1 --server.port 8501 --server.headless true
+
+and open http://127.0.0.1:8501. Upload one or several images (jpg, jpeg, png, webp, bmp, gif): each is
+sent to the server as raw bytes, all of them concurrently, and shown with its predicted class, the
+probability of every class and the round-trip latency. The sidebar shows the server's state.
+
+The page only speaks HTTP to TorchServe (see ui/client.py; no torch here). Configuration comes
+from CIFAR3_INFERENCE_URL, CIFAR3_MANAGEMENT_URL, CIFAR3_TOKEN_FILE, CIFAR3_TOKEN and
+CIFAR3_TIMEOUT; the sidebar's "Connection settings" override them for the browser session.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import streamlit as st
+from PIL import Image, UnidentifiedImageError
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `streamlit run ui/app.py` puts only ui/ on the path
+    sys.path.insert(0, str(ROOT))
+
+from ui.client import IMAGE_TYPES, Cifar3Client, ClientError, Config, Outcome, ServerState  # noqa: E402
+
+PREVIEW_WIDTH = 160
+
+
+@st.cache_resource(show_spinner=False)
+def env_config(env: tuple[tuple[str, str], ...]) -> Config:
+    """The configuration the CIFAR3_* variables describe (cached per set of values)."""
+    return Config.from_env(dict(env))
+
+
+@st.cache_resource(show_spinner=False)
+def get_client(config: Config) -> Cifar3Client:
+    """One client, with its pooled requests.Session, per configuration."""
+    return Cifar3Client(config)
+
+
+def cifar3_env() -> tuple[tuple[str, str], ...]:
+    """This process's CIFAR3_* variables, as a hashable cache key."""
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("CIFAR3_")))
+
+
+def sidebar_config(defaults: Config) -> Config:
+    """The configuration after the sidebar's overrides (empty fields keep the defaults)."""
+    with st.sidebar.expander("Connection settings"):
+        inference = st.text_input("Inference API", value=defaults.inference_url, key="inference_url")
+        management = st.text_input("Management API", value=defaults.management_url, key="management_url")
+        token_file = st.text_input("Token file (key_file.json)", value=defaults.token_file, key="token_file")
+        token = st.text_input("Inference token", value="", type="password", key="token",
+                              placeholder="from CIFAR3_TOKEN or the token file",
+                              help="TorchServe's inference key; leave empty to use CIFAR3_TOKEN or the token file.")
+        timeout = st.number_input("Prediction timeout (s)", min_value=1.0, max_value=600.0, step=5.0,
+                                  value=float(min(max(defaults.timeout, 1.0), 600.0)), key="timeout")
+    return defaults.with_overrides(
+        inference_url=inference or defaults.inference_url, management_url=management or defaults.management_url,
+        token_file=token_file or defaults.token_file, token=token or defaults.token, timeout=timeout,
+    )
+
+
+def mark(ok: bool) -> str:
+    return "✅" if ok else "❌"
+
+
+def show_server_state(box, state: ServerState, config: Config) -> None:
+    """The sidebar's server panel: reachability, model readiness, workers, batch size, metadata, problems."""
+    box.header("Server")
+    box.markdown(f"{mark(state.reachable)} Inference API {'reachable' if state.reachable else 'not reachable'}  \n"
+                 f"`{config.inference_url}`")
+    model = state.model
+    if model is None:
+        box.markdown(f"❌ Model `{config.model}`: unknown")
+    else:
+        box.markdown(f"{mark(model.ready)} Model `{config.model}` {'READY' if model.ready else 'not ready'}  \n"
+                     f"Workers: {model.ready_workers} READY of {len(model.workers)} · "
+                     f"batch size: {model.batch_size if model.batch_size is not None else '?'}")
+        meta = model.metadata
+        if meta:
+            lines = [f"Classes: {', '.join(map(str, meta.get('classes', [])))}"]
+            if isinstance(meta.get("val_accuracy"), (int, float)):
+                lines.append(f"Validation accuracy: {meta['val_accuracy']:.1%}")
+            lines += [f"{label}: {meta[key]}" for key, label in
+                      (("variant", "Model"), ("image_size", "Input size"), ("trained", "Trained"),
+                       ("device", "Device")) if meta.get(key) not in (None, "")]
+            box.subheader("Model")
+            box.markdown("  \n".join(lines))
+    for problem in state.problems:
+        box.error(problem)
+    box.button("Check again", key="refresh", help="Query the server's state again")
+
+
+def preview(data: bytes, name: str) -> None:
+    """The uploaded image, or a note when it cannot be decoded here (the server then says why)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+        st.image(data, caption=name, width=PREVIEW_WIDTH)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        st.caption(f"{name}: no preview (not an image this page can decode)")
+
+
+def show_outcome(outcome: Outcome, data: bytes) -> None:
+    """One image's card: the image, then its predicted class, latency and probability chart, or the error."""
+    with st.container(border=True):
+        left, right = st.columns([1, 3])
+        with left:
+            preview(data, outcome.name)
+        with right:
+            if outcome.prediction is None:
+                st.error(outcome.error)
+                st.caption(f"{outcome.name} · round trip {outcome.latency_ms:.0f} ms")
+                return
+            prediction = outcome.prediction
+            confidence = prediction.probs[prediction.pred_class] if prediction.pred_class in prediction.probs else 0
+            st.markdown(f"#### {outcome.name}: **{prediction.pred_class}**")
+            st.caption(f"{confidence:.1%} confident · round trip {outcome.latency_ms:.0f} ms")
+            st.bar_chart(prediction.chart_data(), x="class", y="probability (%)", horizontal=True,
+                         sort="-probability (%)", height=40 + 32 * len(prediction.probs))
+
+
+def show_results(client: Cifar3Client, files: Sequence) -> None:
+    """Send every upload at once and show the answers in upload order."""
+    uploads = [(f.name, f.getvalue()) for f in files]
+    with st.spinner(f"Classifying {len(uploads)} image(s)…"):
+        outcomes = client.predict_many(uploads)
+    ok = sum(o.prediction is not None for o in outcomes)
+    st.caption(f"{ok} of {len(outcomes)} image(s) classified · slowest round trip "
+               f"{max(o.latency_ms for o in outcomes):.0f} ms (sent concurrently)")
+    for outcome, (_, data) in zip(outcomes, uploads, strict=True):
+        show_outcome(outcome, data)
+
+
+def main() -> None:
+    st.set_page_config(page_title="cifar3 classifier", page_icon="🛩️", layout="wide")
+    status_box = st.sidebar.container()
+    try:
+        config = sidebar_config(env_config(cifar3_env()))
+    except ClientError as exc:
+        st.error(f"Configuration error: {exc.message}")
+        st.stop()
+    client = get_client(config)
+    state = client.server_state()
+    show_server_state(status_box, state, config)
+
+    classes = (state.model.metadata.get("classes") if state.model else None) or ["airplane", "automobile", "ship"]
+    st.title("cifar3 image classifier")
+    st.caption(f"ResNet18 served by TorchServe at {config.inference_url}: is it a {', '.join(classes[:-1])} "
+               f"or {classes[-1]}?")
+    if not state.ready:
+        st.error("The server cannot classify images right now: " + (state.problems[0] if state.problems else
+                 "unknown state") + " (details in the sidebar).")
+    files = st.file_uploader("Images", type=list(IMAGE_TYPES), accept_multiple_files=True, key="images",
+                             help="One or several images; each is sent to the server as it is.")
+    if not files:
+        st.info(f"Upload one or several images ({', '.join(IMAGE_TYPES)}) to classify them.")
+        return
+    show_results(client, files)
+
+
+main()

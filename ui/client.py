@@ -1,0 +1,433 @@
+"""HTTP client for the cifar3 TorchServe: configuration, tokens, server state and predictions.
+
+Plain ``requests``, no streamlit and no torch: ui/app.py is a thin page over these functions, and
+tests exercise them directly. Every failure becomes a :class:`ClientError` whose message says what
+happened and what to do, so the page can show it as it is.
+
+Configuration (environment variables; the page's sidebar can override each one):
+
+- ``CIFAR3_INFERENCE_URL``  inference API, default http://127.0.0.1:8080
+- ``CIFAR3_MANAGEMENT_URL`` management API, default http://127.0.0.1:8081
+- ``CIFAR3_TOKEN_FILE``     TorchServe's key_file.json, default run/key_file.json at the repository
+  root (where ``scripts/serve.py start`` makes the server write it)
+- ``CIFAR3_TOKEN``          an inference key to send instead of the key file's. The management API
+  (the sidebar's server state) still uses the key file's management key when the file is readable.
+- ``CIFAR3_TIMEOUT``        seconds to wait for one prediction, default 30
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "cifar3"
+DEFAULT_INFERENCE_URL = "http://127.0.0.1:8080"
+DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
+DEFAULT_TOKEN_FILE = ROOT / "run" / "key_file.json"
+DEFAULT_TIMEOUT = 30.0
+STATUS_TIMEOUT = 5.0  # the sidebar's checks must not hold the page up for long
+MAX_PARALLEL = 8  # images in flight at once; TorchServe batches them on its side
+IMAGE_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
+START_HINT = "start it with `.venv/bin/python scripts/serve.py start`"
+INVALID_KEY = "InvalidKeyException"
+APIS = ("inference", "management")
+
+
+class ClientError(Exception):
+    """A failure to show the user. ``kind`` is one of: config, unreachable, timeout, token,
+    not_found, rejected, too_large, server, bad_answer."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.message, self.kind = message, kind
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def normalize_url(url: str) -> str:
+    """``host:port`` or ``http://host:port/`` -> ``http://host:port``."""
+    url = url.strip().rstrip("/")
+    if url and "://" not in url:
+        url = f"http://{url}"
+    return url
+
+
+@dataclass(frozen=True)
+class Config:
+    """Where the server is and how to authenticate; hashable, so the page can cache per config."""
+
+    inference_url: str = DEFAULT_INFERENCE_URL
+    management_url: str = DEFAULT_MANAGEMENT_URL
+    token_file: str = str(DEFAULT_TOKEN_FILE)
+    token: str = ""  # explicit inference key; empty: read the key file
+    timeout: float = DEFAULT_TIMEOUT
+    model: str = MODEL
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Config:
+        """The configuration the CIFAR3_* variables describe (defaults for the unset ones)."""
+        timeout = env.get("CIFAR3_TIMEOUT", "").strip()
+        try:
+            seconds = float(timeout) if timeout else DEFAULT_TIMEOUT
+        except ValueError:
+            raise ClientError(f"CIFAR3_TIMEOUT={timeout!r} is not a number of seconds: set it to e.g. 30",
+                              "config") from None
+        return cls(
+            inference_url=env.get("CIFAR3_INFERENCE_URL") or DEFAULT_INFERENCE_URL,
+            management_url=env.get("CIFAR3_MANAGEMENT_URL") or DEFAULT_MANAGEMENT_URL,
+            token_file=env.get("CIFAR3_TOKEN_FILE") or str(DEFAULT_TOKEN_FILE),
+            token=env.get("CIFAR3_TOKEN", ""),
+            timeout=seconds,
+        ).normalized()
+
+    def normalized(self) -> Config:
+        """URLs with a scheme and no trailing slash, token and path stripped, timeout positive."""
+        if self.timeout <= 0:
+            raise ClientError(f"the prediction timeout must be positive, not {self.timeout}", "config")
+        return replace(
+            self,
+            inference_url=normalize_url(self.inference_url) or DEFAULT_INFERENCE_URL,
+            management_url=normalize_url(self.management_url) or DEFAULT_MANAGEMENT_URL,
+            token_file=str(Path(self.token_file.strip() or DEFAULT_TOKEN_FILE).expanduser()),
+            token=self.token.strip(),
+        )
+
+    def with_overrides(self, **values: Any) -> Config:
+        """This configuration with the given fields replaced (e.g. from the sidebar), normalized."""
+        return replace(self, **values).normalized()
+
+
+def read_key_file(path: str | Path) -> dict[str, str]:
+    """{'inference': key, 'management': key} from TorchServe's key_file.json, or ClientError."""
+    path = Path(path)
+    try:
+        content = json.loads(path.read_text())
+        return {api: str(content[api]["key"]) for api in APIS if isinstance(content.get(api), dict)}
+    except FileNotFoundError:
+        raise ClientError(f"key file {path} does not exist", "token") from None
+    except PermissionError:
+        raise ClientError(f"key file {path} is not readable by this user", "token") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ClientError(f"key file {path} is not TorchServe's key_file.json ({exc})", "token") from None
+
+
+def same_host(url_a: str, url_b: str) -> bool:
+    """Whether two URLs name the same host (any port)."""
+    return urlsplit(url_a).hostname == urlsplit(url_b).hostname
+
+
+def new_session(pool_size: int = MAX_PARALLEL) -> requests.Session:
+    """A keep-alive session with enough pooled connections for the concurrent predictions."""
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+# ---------------------------------------------------------------- answers
+
+
+def is_invalid_key(response: requests.Response) -> bool:
+    """TorchServe's answer to a missing, wrong or expired token: HTTP 400, type InvalidKeyException."""
+    return response.status_code in (400, 401, 403) and INVALID_KEY in response.text[:1000]
+
+
+def error_text(response: requests.Response) -> str:
+    """The server's own explanation: the handler's "error", TorchServe's "message", or the raw text."""
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict):
+        for key in ("error", "message"):
+            if isinstance(payload.get(key), str) and payload[key].strip():
+                return payload[key].strip()
+    text = response.text.strip()
+    return text[:300] if text else f"HTTP {response.status_code} {response.reason or ''}".strip()
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One answer of the model: the predicted class and every class's probability."""
+
+    pred_class: str
+    probs: dict[str, float]
+
+    def ranked(self) -> list[tuple[str, float]]:
+        """(class, probability) pairs, most probable first."""
+        return sorted(self.probs.items(), key=lambda item: (-item[1], item[0]))
+
+    def chart_data(self) -> dict[str, list]:
+        """Columns for a bar chart: class names and probabilities in percent, most probable first."""
+        ranked = self.ranked()
+        return {"class": [c for c, _ in ranked], "probability (%)": [round(p * 100, 2) for _, p in ranked]}
+
+
+def parse_prediction(payload: Any) -> Prediction:
+    """A Prediction from {"pred_class": str, "probs": {class: probability}}, or ValueError."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("pred_class"), str):
+        raise ValueError('expected {"pred_class": ..., "probs": {...}}')
+    probs = payload.get("probs")
+    if not isinstance(probs, dict) or not probs:
+        raise ValueError('"probs" must be a non-empty object of class: probability')
+    try:
+        return Prediction(payload["pred_class"], {str(c): float(p) for c, p in probs.items()})
+    except (TypeError, ValueError):
+        raise ValueError('"probs" values must be numbers') from None
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """What the management API says about the model."""
+
+    workers: tuple[str, ...] = ()  # each worker's status, e.g. ("READY",)
+    batch_size: int | None = None
+    metadata: dict = field(default_factory=dict)  # the handler's describe_handle(), {} when unknown
+
+    @property
+    def ready_workers(self) -> int:
+        return sum(status == "READY" for status in self.workers)
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_workers > 0
+
+
+def parse_model_status(payload: Any) -> ModelStatus:
+    """A ModelStatus from GET /models/<name>[?customized=true] (a JSON list of one description).
+
+    TorchServe 0.12 returns ``customizedMetadata`` as an object; older versions return the
+    handler's JSON string as it is. Both are accepted.
+    """
+    if not isinstance(payload, list) or not payload or not isinstance(payload[0], dict):
+        raise ValueError("expected a JSON list with the model's description")
+    description = payload[0]
+    workers = tuple(str(w.get("status", "UNKNOWN")) for w in description.get("workers") or [] if isinstance(w, dict))
+    metadata = description.get("customizedMetadata") or {}
+    if isinstance(metadata, str):
+        try:
+            metadata = json.loads(metadata)
+        except ValueError:
+            metadata = {}
+    batch = description.get("batchSize")
+    return ModelStatus(workers, batch if isinstance(batch, int) else None, metadata if isinstance(metadata, dict) else {})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One uploaded image's round trip: a prediction or an error message, and how long it took."""
+
+    name: str
+    latency_ms: float
+    prediction: Prediction | None = None
+    error: str = ""
+    kind: str = ""
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """The sidebar's view of the server; ``problems`` says what is wrong, in order."""
+
+    reachable: bool = False
+    model: ModelStatus | None = None
+    problems: tuple[str, ...] = ()
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None and self.model.ready
+
+
+# ---------------------------------------------------------------- the client
+
+
+class Cifar3Client:
+    """Talks to one TorchServe. Thread-safe: the page shares one per configuration.
+
+    Keys come from the key file (read once, again whenever the server rejects one, then the request
+    is retried once: the page survives a server restart or a key rotation) or from ``config.token``.
+    """
+
+    def __init__(self, config: Config, session: requests.Session | None = None):
+        self.config = config
+        self.session = session or new_session()
+        self._lock = threading.Lock()
+        self._keys: dict[str, str] | None = None
+        self._key_problem = ""
+
+    # -- tokens
+
+    def _load_keys(self) -> dict[str, str]:
+        with self._lock:
+            try:
+                self._keys, self._key_problem = read_key_file(self.config.token_file), ""
+            except ClientError as exc:
+                self._keys, self._key_problem = {}, exc.message
+            return self._keys
+
+    def _credentials(self, api: str) -> tuple[str, str]:
+        """(key, where it came from: 'explicit', 'file' or 'none') for the 'inference' or 'management' API."""
+        if self.config.token and api == "inference":
+            return self.config.token, "explicit"
+        keys = self._keys if self._keys is not None else self._load_keys()
+        if keys.get(api):
+            return keys[api], "file"
+        if self.config.token:
+            return self.config.token, "explicit"
+        return "", "none"
+
+    def _token_error(self, api: str, source: str) -> ClientError:
+        file = self.config.token_file
+        if source == "explicit":
+            what = "the token from CIFAR3_TOKEN (or the sidebar)"
+            todo = f"copy the current '{api}' key from the server's key_file.json, or clear the token to use {file}"
+        elif source == "file":
+            what = f"the {api} key from {file}, even after reading the file again"
+            todo = "point CIFAR3_TOKEN_FILE at the running server's key_file.json (its run/ folder)"
+        else:
+            what = f"a request without token ({self._key_problem or 'no ' + api + ' key in ' + file})"
+            todo = "set CIFAR3_TOKEN_FILE to the running server's key_file.json, or CIFAR3_TOKEN to its inference key"
+        return ClientError(f"TorchServe rejected {what}: {todo}.", "token")
+
+    # -- transport
+
+    def _request(self, method: str, url: str, api: str, timeout: float, **kwargs: Any) -> requests.Response:
+        """Send with the API's token; on InvalidKeyException re-read the key file and retry once."""
+        key, source = self._credentials(api)
+        response = self._send(method, url, key, timeout, **kwargs)
+        if is_invalid_key(response) and source != "explicit":
+            self._load_keys()
+            key, source = self._credentials(api)
+            response = self._send(method, url, key, timeout, **kwargs)
+        if is_invalid_key(response):
+            raise self._token_error(api, source)
+        return response
+
+    def _send(self, method: str, url: str, key: str, timeout: float, **kwargs: Any) -> requests.Response:
+        headers = dict(kwargs.pop("headers", {}))
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        where = "{0.scheme}://{0.netloc}".format(urlsplit(url))
+        try:
+            return self.session.request(method, url, headers=headers, timeout=timeout, **kwargs)
+        except requests.ConnectTimeout:
+            raise ClientError(f"TorchServe at {where} did not accept a connection within {timeout:g}s: "
+                              f"is the address right and the server running? {START_HINT}", "unreachable") from None
+        except requests.Timeout:
+            raise ClientError(f"TorchServe at {where} did not answer within {timeout:g}s: the server is busy or "
+                              "stuck; try again, or raise CIFAR3_TIMEOUT", "timeout") from None
+        except requests.ConnectionError as exc:
+            reason = "connection refused" if "refused" in str(exc).lower() else exc.__class__.__name__
+            raise ClientError(f"TorchServe is not reachable at {where} ({reason}): is it running? {START_HINT}, "
+                              "or set the server's address (CIFAR3_INFERENCE_URL / CIFAR3_MANAGEMENT_URL)",
+                              "unreachable") from None
+        except requests.RequestException as exc:
+            raise ClientError(f"cannot send a request to {url!r}: {exc}; check the server address",
+                              "config") from None
+
+    # -- server state
+
+    def ping(self) -> None:
+        """Return when the inference API answers GET /ping healthy, else ClientError."""
+        response = self._request("GET", f"{self.config.inference_url}/ping", "inference", STATUS_TIMEOUT)
+        if not response.ok:
+            raise ClientError(f"the inference API answered /ping with HTTP {response.status_code}: "
+                              f"{error_text(response)}", "server")
+
+    def model_status(self, customized: bool = False) -> ModelStatus:
+        """The model's workers and batch size (and, with ``customized``, the handler's metadata)."""
+        url = f"{self.config.management_url}/models/{self.config.model}" + ("?customized=true" if customized else "")
+        response = self._request("GET", url, "management", STATUS_TIMEOUT)
+        if response.status_code == 404:
+            raise ClientError(f"model {self.config.model} is not loaded on the server: build model_store/"
+                              f"{self.config.model}.mar (scripts/archive.sh) and restart the server", "not_found")
+        if not response.ok:
+            raise ClientError(f"the management API answered HTTP {response.status_code}: {error_text(response)}",
+                              "server")
+        try:
+            return parse_model_status(response.json())
+        except ValueError as exc:
+            raise ClientError(f"unexpected answer from the management API: {exc}", "bad_answer") from None
+
+    def server_state(self) -> ServerState:
+        """Ping, the model's status and its metadata; never raises: failures land in ``problems``."""
+        problems: list[str] = []
+        try:
+            self.ping()
+            reachable = True
+        except ClientError as exc:
+            reachable = False
+            problems.append(exc.message)
+            if exc.kind == "unreachable" and same_host(self.config.inference_url, self.config.management_url):
+                return ServerState(False, None, tuple(problems))  # nothing listens on that host: stop here
+        try:
+            model = self.model_status()
+        except ClientError as exc:
+            return ServerState(reachable, None, (*problems, exc.message))
+        if not model.ready:
+            states = ", ".join(model.workers) or "no workers"
+            problems.append(f"model {self.config.model} has no READY worker ({states}): it is still loading or "
+                            "its workers crashed; see the server's logs (run/logs/model_log.log)")
+        else:
+            try:
+                model = replace(self.model_status(customized=True), workers=model.workers)
+            except ClientError as exc:
+                problems.append(f"model metadata unavailable: {exc.message}")
+        return ServerState(reachable, model, tuple(problems))
+
+    # -- predictions
+
+    def predict(self, data: bytes, name: str = "image") -> Prediction:
+        """The model's answer for one image's bytes, or ClientError saying why there is none."""
+        response = self._request(
+            "POST", f"{self.config.inference_url}/predictions/{self.config.model}", "inference",
+            self.config.timeout, data=data, headers={"Content-Type": "application/octet-stream"},
+        )
+        status = response.status_code
+        if status == 200:
+            try:
+                return parse_prediction(response.json())
+            except ValueError as exc:
+                raise ClientError(f"unexpected answer for {name}: {exc}", "bad_answer") from None
+        if status == 413:
+            raise ClientError(f"{name} ({len(data) / 1e6:.1f} MB) is too large for the server (HTTP 413): "
+                              "upload a smaller image, or raise max_request_size in config.properties", "too_large")
+        if status == 404:
+            raise ClientError(f"model {self.config.model} is not loaded on the server (HTTP 404: "
+                              f"{error_text(response)}): restart it with a model_store holding "
+                              f"{self.config.model}.mar", "not_found")
+        if status == 400:
+            raise ClientError(f"the server rejected {name}: {error_text(response)}", "rejected")
+        if status == 503:
+            raise ClientError(f"the model has no free worker (HTTP 503: {error_text(response)}): "
+                              "wait a moment and try again", "server")
+        raise ClientError(f"the server failed on {name} (HTTP {status}: {error_text(response)}); "
+                          "see run/logs/model_log.log", "server")
+
+    def timed_predict(self, name: str, data: bytes) -> Outcome:
+        """predict() as an Outcome, with the round-trip latency in milliseconds."""
+        started = time.perf_counter()
+        try:
+            prediction = self.predict(data, name)
+        except ClientError as exc:
+            return Outcome(name, (time.perf_counter() - started) * 1000, error=exc.message, kind=exc.kind)
+        return Outcome(name, (time.perf_counter() - started) * 1000, prediction=prediction)
+
+    def predict_many(self, images: Sequence[tuple[str, bytes]], parallel: int = MAX_PARALLEL) -> list[Outcome]:
+        """Outcomes for (name, bytes) pairs, in their order; the requests go out concurrently."""
+        if not images:
+            return []
+        with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(images))), thread_name_prefix="cifar3") as pool:
+            return list(pool.map(lambda item: self.timed_predict(*item), images))
