@@ -30,6 +30,7 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 600, env: dict | None
         capture_output=True,
         text=True,
         timeout=timeout,
+        check=False,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )
 

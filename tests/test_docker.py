@@ -156,8 +156,8 @@ def dockerignore_excludes(patterns_text: str, path: str) -> bool:
     parts = path.strip("/").split("/")
     candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
     excluded = False
-    for line in patterns_text.splitlines():
-        line = line.strip()
+    for raw in patterns_text.splitlines():
+        line = raw.strip()
         if not line or line.startswith("#"):
             continue
         negated = line.startswith("!")
@@ -245,7 +245,13 @@ def run_hadolint(*paths: Path, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HADOLINT_")}
     env.update(HOME=str(cwd), XDG_CONFIG_HOME=str(cwd))
     return subprocess.run(
-        [str(HADOLINT), "--no-color", *map(str, paths)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+        [str(HADOLINT), "--no-color", *map(str, paths)],
+        cwd=cwd,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -465,7 +471,7 @@ def test_serving_healthcheck_fails_when_no_model_is_ready(serving, tmp_path):
             if arg.startswith("/")
             else arg
         )
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "NOT READY" in result.stdout, result.stdout + result.stderr
 
 
@@ -533,17 +539,17 @@ def test_ui_image_installs_what_the_ui_code_imports(ui):
     for source in sources:
         for module in sorted(imported_modules(source.read_text()) - set(sys.stdlib_module_names)):
             local = [ROOT / module, ROOT / f"{module}.py", app.parent / module, app.parent / f"{module}.py"]
-            if any(p.exists() for p in local):
-                # Repository code: app.py puts the folder above ui/ on sys.path, streamlit puts ui/ itself.
-                if not any(p == q or q in p.parents for p in local for q in copied_files):
-                    hit = next(p for p in local if p.exists())
-                    if not any(hit == f or hit in f.parents for f in copied_files):
-                        missing.append(f"{module} ({hit.relative_to(ROOT)} is not copied into the UI image)")
+            hit = next((p for p in local if p.exists()), None)
+            if hit:  # repository code: app.py puts the folder above ui/ on sys.path, streamlit puts ui/ itself
+                if not any(hit == f or hit in f.parents for f in copied_files):
+                    missing.append(f"{module} ({hit.relative_to(ROOT)} is not copied into the UI image)")
                 continue
             dists = {d.lower().replace("_", "-") for d in providers.get(module, [])}
             if not dists & pinned:
                 missing.append(f"{module} (distribution {sorted(dists) or '?'} not in ui/requirements.txt)")
-    assert not missing, f"{sorted({str(s.relative_to(ROOT)) for s in sources})} import what the UI image lacks: {missing}"
+    assert not missing, (
+        f"{sorted({str(s.relative_to(ROOT)) for s in sources})} import what the UI image lacks: {missing}"
+    )
 
 
 # --- the serving image's command, run here ------------------------------------------------------
@@ -594,7 +600,7 @@ def test_container_command_serves_the_model_and_keeps_keys_in_its_workdir(servin
     try:
         deadline, result = time.monotonic() + 240, None
         while time.monotonic() < deadline and server.poll() is None:
-            result = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+            result = subprocess.run(probe, check=False, capture_output=True, text=True, timeout=60)
             if result.returncode == 0:
                 break
             time.sleep(1)
@@ -612,7 +618,7 @@ def test_container_command_serves_the_model_and_keeps_keys_in_its_workdir(servin
         while time.monotonic() < deadline and group_alive(server.pid):
             time.sleep(0.5)
         assert not group_alive(server.pid), "Java or a worker outlived SIGTERM to the process group"
-        assert subprocess.run(probe, capture_output=True, text=True, timeout=60).returncode == 1
+        assert subprocess.run(probe, check=False, capture_output=True, text=True, timeout=60).returncode == 1
     finally:
         if group_alive(server.pid):
             os.killpg(server.pid, signal.SIGKILL)
