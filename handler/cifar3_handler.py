@@ -141,7 +141,13 @@ class Cifar3Handler(BaseHandler):
                 responses.append(error_body(errors[idx]))
             else:
                 responses.append(json.dumps(next(answers)))
-        context.metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2), None, "ms")
+        # Counters for Prometheus (config.properties: model_metrics_auto_detect=true); their ratio is
+        # the mean dynamic batch size.
+        metrics = context.metrics
+        metrics.add_counter("InferenceBatches", 1)
+        metrics.add_counter("ImagesClassified", len(data) - len(errors))
+        metrics.add_counter("ImagesRejected", len(errors))
+        metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2), None, "ms")
         return responses
 
     def describe_handle(self):

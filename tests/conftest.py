@@ -47,12 +47,14 @@ def free_ports(count: int) -> list[int]:
 
 def write_server_config(folder: Path, model_store: Path, **overrides: str) -> Path:
     """The repository's config.properties with free loopback ports and the given model store."""
-    inference, management, metrics = free_ports(3)
+    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
     props = read_properties(ROOT / "config.properties")
     props.update(
         inference_address=f"http://127.0.0.1:{inference}",
         management_address=f"http://127.0.0.1:{management}",
         metrics_address=f"http://127.0.0.1:{metrics}",
+        grpc_inference_port=str(grpc_inference),
+        grpc_management_port=str(grpc_management),
         model_store=str(model_store),
         **overrides,
     )

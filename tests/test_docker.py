@@ -12,9 +12,11 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -43,7 +45,6 @@ DOCKER_ONLY = {
     "management_address",
     "metrics_address",
     "model_store",  # absolute path inside the image
-    "token_expiration_min",  # keys must outlive TorchServe's 60-minute default in a long-running container
 }
 
 
@@ -412,14 +413,9 @@ def test_dockerignore_keeps_copied_files_and_drops_the_rest(serving, ui):
 def test_serving_image_installs_the_tested_requirements_with_cpu_torch(serving):
     assert re.search(r"^-r requirements\.txt$", (ROOT / "requirements-dev.txt").read_text(), re.M)
     requirements = serving.copied_to("requirements.txt")
+    assert pip_installs(serving, "-r") == [requirements], "the serving image should pip install -r requirements.txt"
     runs = serving.all("RUN")
-    install = [
-        n
-        for n, i in enumerate(runs)
-        if re.search(r"\bpip install\b.*\s-r\s+(\S+)", i.args)
-        and str(PurePosixPath(i.workdir, re.search(r"\s-r\s+(\S+)", i.args)[1])) == requirements
-    ]
-    assert len(install) == 1, f"the serving image should pip install -r {requirements} (requirements.txt) once"
+    install = [n for n, i in enumerate(runs) if re.search(r"\bpip install\b", i.args) and " -r " in i.args]
     torch = [n for n, i in enumerate(runs) if "torch==" in i.args]
     assert len(torch) == 1 and torch[0] < install[0], "CPU torch must be installed before requirements.txt"
     torch_run = runs[torch[0]].args
@@ -496,17 +492,26 @@ def test_docker_config_matches_the_repository_config(serving):
     assert serving.last("ENTRYPOINT").exec_form()[:2] == ["/usr/bin/tini", "-g"]
 
 
+def pip_installs(image: Dockerfile, option: str) -> list[str]:
+    """Container paths given to `pip install <option> PATH` (-r, -c) in the image's RUN instructions."""
+    return [
+        str(PurePosixPath(i.workdir, path))
+        for i in image.all("RUN")
+        if re.search(r"\bpip install\b", i.args)
+        for path in re.findall(rf"\s{option}\s+(\S+)", i.args)
+    ]
+
+
 def test_ui_requirements_are_pinned_like_the_project(ui):
+    """ui/requirements.txt pins what requirements.txt pins to the same versions, the rest to the versions the tests
+    run with; the UI image installs it constrained by requirements.txt (shared dependencies: same versions)."""
     wanted, ui_pins = pins(ROOT / "requirements.txt"), pins(ROOT / "ui" / "requirements.txt")
     assert {"streamlit", "requests"} <= ui_pins.keys()
-    assert {name: wanted.get(name) for name in ui_pins} == ui_pins
-    requirements = ui.copied_to("ui/requirements.txt")
-    assert any(
-        re.search(r"\bpip install\b", i.args)
-        and re.search(r"\s-r\s+(\S+)", i.args)
-        and str(PurePosixPath(i.workdir, re.search(r"\s-r\s+(\S+)", i.args)[1])) == requirements
-        for i in ui.all("RUN")
-    )
+    for name, version in ui_pins.items():
+        assert version == (wanted.get(name) or importlib.metadata.version(name)), name
+    assert ui.copied_to("ui/requirements.txt") in pip_installs(ui, "-r")
+    assert ui.copied_to("requirements.txt") in pip_installs(ui, "-c")
+    assert not set(pip_installs(ui, "-r")) & {ui.copied_to("requirements.txt")}, "the UI image installs no torch"
 
 
 def imported_modules(source: str) -> set[str]:
@@ -567,10 +572,15 @@ def test_container_command_serves_the_model_and_keeps_keys_in_its_workdir(servin
     props = read_properties(serving.to_repo(options(cmd)["--ts-config"]))
     for api, port in zip(("inference", "management", "metrics"), free_ports(3), strict=True):
         props[f"{api}_address"] = f"http://127.0.0.1:{port}"
+    # TorchServe's gRPC APIs (unpublished, loopback of the container) default to 7070/7071: free ports here.
+    props["grpc_inference_port"], props["grpc_management_port"] = map(str, free_ports(2))
     props["model_store"] = str(model_store)
     config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
-    run_dir, tmp, logs = tmp_path / "run", tmp_path / "tmp", tmp_path / "logs"
-    for folder in (run_dir, tmp, logs):
+    # TEMP becomes Java's tmpdir, where the workers' Unix sockets go: private to each container, and here to
+    # this test (a short path: a socket name has at most 107 bytes).
+    tmp = Path(tempfile.mkdtemp(prefix="ts-docker-"))
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    for folder in (run_dir, logs):
         folder.mkdir()
     env_in_image = " ".join(i.args for i in serving.all("ENV"))
     assert re.search(r"\bLOG_LOCATION=/", env_in_image) and serving.last("WORKDIR").workdir not in env_in_image
@@ -623,6 +633,7 @@ def test_container_command_serves_the_model_and_keeps_keys_in_its_workdir(servin
         if group_alive(server.pid):
             os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def group_alive(pgid: int) -> bool:
