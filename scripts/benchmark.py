@@ -1,0 +1,270 @@
+"""Throughput and latency of cifar3: in-process limit vs. served over HTTP, in one run, one model.
+
+    .venv/bin/python scripts/benchmark.py --checkpoint checkpoints/cifar3.pt
+
+1. In-process (this process, same torch threads as a worker): forward-only images/s at several
+   batch sizes (the machine's limit for this model) and batch-1 latency, forward-only and with
+   decode + preprocessing (what one request costs the handler).
+2. Served: archives the checkpoint, starts a real TorchServe on free loopback ports with the
+   repository's config.properties and model-config.yaml, and drives it with closed-loop clients at
+   concurrency 1, 4 and 16: images/s, p50/p90/p99 latency, errors.
+
+Writes reports/benchmark.json and reports/benchmark.md (the README quotes them). The in-process
+and served phases never overlap, so they do not compete for the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import requests
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scripts.serve import Server, write_server_config  # noqa: E402
+from training.checkpoint import load_checkpoint  # noqa: E402
+from training.preprocessing import decode_image, eval_transform  # noqa: E402
+
+DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "cifar3" / "train"
+TARGETS = {"served_vs_inprocess_c16": 0.85, "p99_c16_ms": 250.0, "p50_c1_vs_batch1": 1.3}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def load_image_bytes(folder: Path, count: int) -> list[bytes]:
+    """Real JPEGs when the CIFAR-3 folder is there, else synthetic PNGs."""
+    files = sorted(folder.glob("*/*.jpg"))
+    if files:
+        return [f.read_bytes() for f in files[:: max(1, len(files) // count)][:count]]
+    import io
+
+    from PIL import Image
+
+    images = []
+    for i in range(count):
+        buffer = io.BytesIO()
+        Image.effect_noise((32, 32), 40 + i % 50).convert("RGB").save(buffer, "PNG")
+        images.append(buffer.getvalue())
+    return images
+
+
+def time_it(fn, repeats: int) -> list[float]:
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+@torch.inference_mode()
+def in_process(checkpoint: Path, images: list[bytes], threads: int, seconds: float) -> dict:
+    torch.set_num_threads(threads)
+    model, meta = load_checkpoint(checkpoint)
+    model = model.to(memory_format=torch.channels_last)
+
+    def batch_of(n: int) -> torch.Tensor:
+        pil = [decode_image(images[i % len(images)]) for i in range(n)]
+        return eval_transform(pil, meta.image_size, meta.mean, meta.std).contiguous(memory_format=torch.channels_last)
+
+    rates = {}
+    for batch_size in (1, 8, 16, 32, 64):
+        batch = batch_of(batch_size)
+        repeats = max(5, int(seconds / max(1e-3, statistics.median(time_it(lambda b=batch: model(b), 3)))))
+        samples = time_it(lambda b=batch: model(b), min(repeats, 400))
+        rates[batch_size] = batch_size / statistics.median(samples)
+    one = batch_of(1)
+    forward_ms = [s * 1000 for s in time_it(lambda: model(one), 200)]
+    full_ms = [s * 1000 for s in time_it(lambda: model(batch_of(1)), 200)]
+    best = max(rates, key=rates.get)
+    return {
+        "threads": threads,
+        "variant": meta.variant,
+        "images_per_s_by_batch": {str(k): round(v, 1) for k, v in rates.items()},
+        "best_batch": best,
+        "batched_images_per_s": round(rates[best], 1),
+        "batch1_forward_p50_ms": round(statistics.median(forward_ms), 2),
+        "batch1_with_preprocessing_p50_ms": round(statistics.median(full_ms), 2),
+    }
+
+
+def load(server: Server, images: list[bytes], concurrency: int, seconds: float) -> dict:
+    """Closed loop: each client sends its next request when the previous one is answered."""
+    url = f"{server.inference_url}/predictions/{server.model}"
+    headers = server.headers() | {"Content-Type": "application/octet-stream"}
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + seconds
+
+    def client(offset: int) -> None:
+        session = requests.Session()
+        i = offset
+        while time.perf_counter() < stop_at:
+            start = time.perf_counter()
+            try:
+                response = session.post(url, data=images[i % len(images)], headers=headers, timeout=30)
+                outcome = None if response.status_code == 200 else f"HTTP {response.status_code}"
+            except requests.RequestException as exc:
+                outcome = exc.__class__.__name__
+            elapsed = time.perf_counter() - start
+            with lock:
+                if outcome:
+                    errors[outcome] = errors.get(outcome, 0) + 1
+                else:
+                    latencies.append(elapsed * 1000)
+            i += concurrency
+
+    for _ in range(2):  # warm-up: the connection pool and the worker's first batches
+        requests.post(url, data=images[0], headers=headers, timeout=30)
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies) + sum(errors.values()),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "images_per_s": round(len(latencies) / wall, 1),
+        "p50_ms": round(percentile(latencies, 50), 1),
+        "p90_ms": round(percentile(latencies, 90), 1),
+        "p99_ms": round(percentile(latencies, 99), 1),
+    }
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": str(torch.__version__), "python": platform.python_version()}
+
+
+def markdown(report: dict) -> str:
+    ip, checks = report["in_process"], report["checks"]
+    lines = [
+        f"# cifar3 benchmark ({report['date']})",
+        "",
+        f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; torch {report['machine']['torch']}. "
+        f"Model: {ip['variant']} from `{report['checkpoint']}`; in-process with {ip['threads']} torch threads.",
+        "",
+        "## In-process (the machine's limit for this model)",
+        "",
+        "| batch | images/s |",
+        "|---:|---:|",
+        *[f"| {b} | {r} |" for b, r in ip["images_per_s_by_batch"].items()],
+        "",
+        f"Batch-1 latency p50: {ip['batch1_forward_p50_ms']} ms forward only, "
+        f"{ip['batch1_with_preprocessing_p50_ms']} ms with decode + preprocessing.",
+        "",
+        "## Served by TorchServe over HTTP (closed-loop clients, same machine)",
+        "",
+        "| concurrency | images/s | p50 ms | p90 ms | p99 ms | errors |",
+        "|---:|---:|---:|---:|---:|---:|",
+        *[
+            f"| {r['concurrency']} | {r['images_per_s']} | {r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} "
+            f"| {r['errors']} |"
+            for r in report["served"]
+        ],  # fmt: skip
+        "",
+        "## Targets",
+        "",
+        "| check | target | measured | met |",
+        "|---|---|---|---|",
+        *[f"| {c['check']} | {c['target']} | {c['measured']} | {'yes' if c['met'] else '**no**'} |" for c in checks],
+        "",
+        f"Server settings: {report['server_settings']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/benchmark.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "cifar3.pt")
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="image folder to sample requests from")
+    parser.add_argument("--seconds", type=float, default=20.0, help="duration of each served load level")
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in-process")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "reports")
+    args = parser.parse_args(argv)
+    if not args.checkpoint.is_file():
+        print(
+            f"error: checkpoint not found: {args.checkpoint}; train one with python -m training.train", file=sys.stderr
+        )
+        return 2
+    images = load_image_bytes(args.images, 256)
+    print(f"in-process: {args.checkpoint} on {len(images)} images ...", flush=True)
+    inproc = in_process(args.checkpoint, images, args.threads, seconds=3.0)
+    print(json.dumps(inproc), flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="cifar3-bench-") as tmp:
+        store = Path(tmp) / "model_store"
+        subprocess.run(["bash", str(ROOT / "scripts" / "archive.sh"), str(args.checkpoint)], check=True,
+                       env={**os.environ, "MODEL_STORE": str(store)}, stdout=subprocess.DEVNULL)  # fmt: skip
+        server = Server(write_server_config(Path(tmp), store), Path(tmp) / "run")
+        server.start(timeout=300)
+        try:
+            described = requests.get(f"{server.management_url}/models/{server.model}",
+                                     headers=server.headers("management"), timeout=30).json()[0]  # fmt: skip
+            settings = {k: described.get(k) for k in ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers")}
+            served = []
+            for concurrency in (int(c) for c in args.concurrency.split(",")):
+                served.append(load(server, images, concurrency, args.seconds))
+                print(json.dumps(served[-1]), flush=True)
+        finally:
+            server.stop()
+
+    by_c = {r["concurrency"]: r for r in served}
+    checks = []
+    if 16 in by_c:
+        ratio = by_c[16]["images_per_s"] / inproc["batched_images_per_s"]
+        checks += [
+            {"check": "served c=16 / in-process batched rate", "target": f">= {TARGETS['served_vs_inprocess_c16']}",
+             "measured": round(ratio, 3), "met": ratio >= TARGETS["served_vs_inprocess_c16"]},
+            {"check": "errors at c=16", "target": "0", "measured": by_c[16]["errors"], "met": by_c[16]["errors"] == 0},
+            {"check": "p99 at c=16 (ms)", "target": f"<= {TARGETS['p99_c16_ms']:.0f}",
+             "measured": by_c[16]["p99_ms"], "met": by_c[16]["p99_ms"] <= TARGETS["p99_c16_ms"]},
+        ]  # fmt: skip
+    if 1 in by_c:
+        ratio = by_c[1]["p50_ms"] / inproc["batch1_forward_p50_ms"]
+        target = TARGETS["p50_c1_vs_batch1"]
+        checks.append({"check": "p50 at c=1 / in-process batch-1 forward p50", "target": f"<= {target}",
+                       "measured": round(ratio, 3), "met": ratio <= target})  # fmt: skip
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "checkpoint": str(args.checkpoint),
+        "in_process": inproc,
+        "served": served,
+        "server_settings": settings,
+        "checks": checks,
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out_dir / "benchmark.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

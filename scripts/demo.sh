@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The main job in one command: set up, train (if needed), evaluate, archive, serve, open the UI.
+#
+#   scripts/demo.sh                 # data: $CIFAR3_DATA, default torchvision's CIFAR-10 download
+#   scripts/demo.sh --data ../shared/data/cifar3/train
+#   scripts/demo.sh stop            # stop everything the demo started
+#
+# Idempotent and resumable: a second run reuses .venv, checkpoints/cifar3.pt, reports/eval and
+# model_store/cifar3.mar when they are newer than what they are made from, and a server or UI that
+# is already running. Env: CIFAR3_DATA, CIFAR3_EVAL_DATA (default: the same as the data),
+# CIFAR3_UI_PORT (8501).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+py=.venv/bin/python
+checkpoint=checkpoints/cifar3.pt
+mar=model_store/cifar3.mar
+ui_port="${CIFAR3_UI_PORT:-8501}"
+ui_pid=run/streamlit.pid
+
+step_started=0
+step() { step_started=$SECONDS; printf '\n==> %s\n' "$*"; }
+done_step() { printf '    done in %ss\n' "$((SECONDS - step_started))"; }
+
+ui_running() { [ -f "$ui_pid" ] && kill -0 "$(cat "$ui_pid")" 2>/dev/null; }
+
+if [ "${1:-}" = "stop" ]; then
+  if ui_running; then kill "$(cat "$ui_pid")" && echo "stopped the Streamlit UI"; fi
+  rm -f "$ui_pid"
+  [ -x "$py" ] && "$py" scripts/serve.py stop
+  exit 0
+fi
+
+data="${CIFAR3_DATA:-cifar10}"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --data) data="$2"; shift 2 ;;
+    --data=*) data="${1#--data=}"; shift ;;
+    *) echo "usage: scripts/demo.sh [--data SOURCE] | stop" >&2; exit 2 ;;
+  esac
+done
+eval_data="${CIFAR3_EVAL_DATA:-$data}"
+total_started=$SECONDS
+
+step "1/6 set-up (Java 17, .venv with pinned requirements)"
+scripts/setup.sh
+done_step
+
+step "2/6 train ($checkpoint)"
+if [ -f "$checkpoint" ]; then
+  echo "    reusing $checkpoint (delete it to train again)"
+else
+  "$py" -m training.train --data "$data" --out "$checkpoint"
+fi
+done_step
+
+step "3/6 evaluate on $eval_data (reports/eval)"
+if [ reports/eval/metrics.json -nt "$checkpoint" ]; then
+  echo "    reusing reports/eval (older than the checkpoint would be re-run)"
+else
+  "$py" -m training.evaluate --checkpoint "$checkpoint" --data "$eval_data" --report-dir reports/eval | tail -n 12
+fi
+done_step
+
+step "4/6 archive ($mar)"
+if [ "$mar" -nt "$checkpoint" ] && [ "$mar" -nt handler/cifar3_handler.py ] && [ "$mar" -nt handler/model-config.yaml ]; then
+  echo "    reusing $mar"
+else
+  scripts/archive.sh "$checkpoint"
+fi
+done_step
+
+step "5/6 TorchServe (config.properties)"
+if "$py" scripts/serve.py status >/dev/null 2>&1; then
+  echo "    already running and READY"
+else
+  "$py" scripts/serve.py stop >/dev/null 2>&1 || true
+  "$py" scripts/serve.py start
+fi
+done_step
+
+step "6/6 Streamlit UI (ui/app.py)"
+if ui_running; then
+  echo "    already running (pid $(cat "$ui_pid"))"
+else
+  mkdir -p run
+  nohup .venv/bin/streamlit run ui/app.py --server.address 127.0.0.1 --server.port "$ui_port" \
+    --server.headless true --browser.gatherUsageStats false >run/streamlit.log 2>&1 &
+  echo $! >"$ui_pid"
+  for _ in $(seq 60); do
+    curl -fs "http://127.0.0.1:$ui_port/_stcore/health" >/dev/null 2>&1 && break
+    sleep 1
+  done
+  curl -fs "http://127.0.0.1:$ui_port/_stcore/health" >/dev/null || { echo "UI did not start: see run/streamlit.log" >&2; exit 1; }
+fi
+done_step
+
+token=$("$py" -c 'import json; print(json.load(open("run/key_file.json"))["inference"]["key"])')
+cat <<EOF
+
+cifar3 is up (total ${SECONDS}s, this run $((SECONDS - total_started))s).
+  UI:          http://127.0.0.1:$ui_port
+  inference:   http://127.0.0.1:8080/predictions/cifar3
+  management:  http://127.0.0.1:8081/models/cifar3   (token: run/key_file.json "management")
+  metrics:     http://127.0.0.1:8082/metrics
+  evaluation:  reports/eval/metrics.json, reports/eval/confusion_matrix.png
+Try it:
+  curl -H "Authorization: Bearer $token" http://127.0.0.1:8080/predictions/cifar3 -T IMAGE.jpg
+Stop everything:
+  scripts/demo.sh stop
+EOF
