@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -135,6 +136,18 @@ def evaluate_split(
     logits = predict_logits(model, data.images, mean, std)
     loss = nn.functional.cross_entropy(logits, data.labels, label_smoothing=label_smoothing).item()
     return loss, (logits.argmax(1) == data.labels).float().mean().item(), logits
+
+
+def describe_machine(device: torch.device) -> str:
+    """'NVIDIA H100 80GB HBM3' or '<CPU model>, N cores', for reports."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = "CPU"
+    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -293,7 +306,11 @@ def train(args: argparse.Namespace) -> dict:
         "wall_time_s": round(time.perf_counter() - started, 1),
         "log": str(log_path),
         "curves": str(plot_path),
+        "epochs": recipe.epochs,
+        "machine": describe_machine(device),
+        "torch": str(torch.__version__),
     }
+    args.out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary), flush=True)
     return summary
 

@@ -1,0 +1,114 @@
+"""Rewrite the README's "Measured results" block from the committed reports, never by hand.
+
+    .venv/bin/python scripts/update_readme.py          # rewrite README.md
+    .venv/bin/python scripts/update_readme.py --check  # exit 1 if README.md is out of date
+
+Sources: reports/training/*.json (training summaries), reports/eval/metrics.json,
+reports/benchmark.json and reports/reliability.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def training_section(reports: Path) -> list[str]:
+    runs = [json.loads(p.read_text()) for p in sorted((reports / "training").glob("*.json"))]
+    if not runs:
+        return ["No training run recorded yet (reports/training/)."]
+    lines = [
+        "| preset | variant | epochs | validation accuracy | wall time | machine |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for run in runs:
+        lines.append(f"| {run['preset']} | {run['variant']} | {run.get('epochs', '')} | {run['val_accuracy']:.2%} "
+                     f"| {run['wall_time_s'] / 60:.1f} min | {run.get('machine', '')} |")  # fmt: skip
+    return lines
+
+
+def eval_section(reports: Path) -> list[str]:
+    metrics = _load(reports / "eval" / "metrics.json")
+    if not metrics:
+        return ["No evaluation report yet (reports/eval/)."]
+    lines = [
+        f"Accuracy **{metrics['accuracy']:.2%}** on {metrics['n']} images of `{metrics.get('data', '?')}`, "
+        f"expected calibration error {metrics['ece']:.4f} (temperature {metrics['temperature']}).",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, row in metrics["per_class"].items():
+        lines.append(
+            f"| {name} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1-score']:.4f} | {row['support']} |"
+        )
+    lines += ["", "![Confusion matrix](reports/eval/confusion_matrix.png)"]
+    return lines
+
+
+def benchmark_section(reports: Path) -> list[str]:
+    bench = _load(reports / "benchmark.json")
+    if not bench:
+        return ["No benchmark report yet (reports/benchmark.json)."]
+    ip = bench["in_process"]
+    lines = [
+        f"Machine: {bench['machine']['cpu']}, {bench['machine']['cores']} cores, {bench['date']}. "
+        f"In-process limit: **{ip['batched_images_per_s']} img/s** (batch {ip['best_batch']}), batch-1 forward "
+        f"{ip['batch1_forward_p50_ms']} ms.",
+        "",
+        "| concurrency | images/s | p50 ms | p90 ms | p99 ms | errors |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in bench["served"]:
+        lines.append(f"| {r['concurrency']} | {r['images_per_s']} | {r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} "
+                     f"| {r['errors']} |")  # fmt: skip
+    lines += ["", "| target | wanted | measured | met |", "|---|---|---|---|"]
+    for c in bench["checks"]:
+        lines.append(f"| {c['check']} | {c['target']} | {c['measured']} | {'yes' if c['met'] else 'no'} |")
+    return lines
+
+
+def render(reports: Path = ROOT / "reports") -> str:
+    parts = [START, "", "### Training", "", *training_section(reports), "", "### Evaluation", "",
+             *eval_section(reports), "", "### Serving benchmark (`scripts/benchmark.py`)", "",
+             *benchmark_section(reports), "", "### Reliability (`scripts/reliability.py`)", ""]  # fmt: skip
+    reliability = reports / "reliability.md"
+    if reliability.is_file():
+        body = reliability.read_text().strip().splitlines()
+        parts += [line for line in body if not line.startswith("# ")]
+    else:
+        parts.append("No reliability report yet (reports/reliability.md).")
+    return "\n".join([*parts, "", END])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START not in text or END not in text:
+        print(f"error: README.md lacks the {START} ... {END} markers", file=sys.stderr)
+        return 2
+    head, rest = text.split(START, 1)
+    updated = head + render() + rest.split(END, 1)[1]
+    if args.check:
+        if updated != text:
+            print("README.md results are out of date: run .venv/bin/python scripts/update_readme.py", file=sys.stderr)
+            return 1
+        return 0
+    readme.write_text(updated)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
