@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import requests
-
+from conftest import ROOT
 from synthetic import encode, sample_image
+
 from ui.client import (
     DEFAULT_INFERENCE_URL,
     DEFAULT_MANAGEMENT_URL,
@@ -40,8 +44,15 @@ def closed_port() -> int:
 
 
 def write_keys(path: Path, inference: str, management: str = "m-key") -> Path:
-    path.write_text(json.dumps({"management": {"key": management, "expiration time": "x"},
-                                "inference": {"key": inference, "expiration time": "x"}, "API": {"key": "api"}}))
+    path.write_text(
+        json.dumps(
+            {
+                "management": {"key": management, "expiration time": "x"},
+                "inference": {"key": inference, "expiration time": "x"},
+                "API": {"key": "api"},
+            }
+        )
+    )
     return path
 
 
@@ -49,14 +60,23 @@ def write_keys(path: Path, inference: str, management: str = "m-key") -> Path:
 
 
 def test_config_defaults_and_env():
-    assert Config.from_env({}) == Config(DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL, str(DEFAULT_TOKEN_FILE), "",
-                                         DEFAULT_TIMEOUT)
+    assert Config.from_env({}) == Config(
+        DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL, str(DEFAULT_TOKEN_FILE), "", DEFAULT_TIMEOUT
+    )
     assert DEFAULT_TOKEN_FILE.parts[-2:] == ("run", "key_file.json")
-    config = Config.from_env({"CIFAR3_INFERENCE_URL": "localhost:9080/", "CIFAR3_MANAGEMENT_URL": "http://h:9081",
-                              "CIFAR3_TOKEN_FILE": "/k.json", "CIFAR3_TOKEN": " t ", "CIFAR3_TIMEOUT": "2.5"})
+    config = Config.from_env(
+        {
+            "CIFAR3_INFERENCE_URL": "localhost:9080/",
+            "CIFAR3_MANAGEMENT_URL": "http://h:9081",
+            "CIFAR3_TOKEN_FILE": "/k.json",
+            "CIFAR3_TOKEN": " t ",
+            "CIFAR3_TIMEOUT": "2.5",
+        }
+    )
     assert config == Config("http://localhost:9080", "http://h:9081", "/k.json", "t", 2.5)
     assert config.with_overrides(inference_url="http://x:1/", token="") == Config(
-        "http://x:1", "http://h:9081", "/k.json", "", 2.5)
+        "http://x:1", "http://h:9081", "/k.json", "", 2.5
+    )
 
 
 @pytest.mark.parametrize("value", ["soon", "0", "-1"])
@@ -75,22 +95,34 @@ def test_normalize_url():
 def test_prediction_chart_is_sorted_in_percent():
     prediction = parse_prediction(ANSWER)
     assert prediction == Prediction("ship", ANSWER["probs"])
-    assert prediction.chart_data() == {"class": ["ship", "airplane", "automobile"],
-                                       "probability (%)": [85.0, 10.0, 5.0]}
+    assert prediction.chart_data() == {
+        "class": ["ship", "airplane", "automobile"],
+        "probability (%)": [85.0, 10.0, 5.0],
+    }
 
 
-@pytest.mark.parametrize("payload", [[], {"probs": {}}, {"pred_class": "ship"}, {"pred_class": "ship", "probs": {}},
-                                     {"pred_class": "ship", "probs": {"ship": "high"}}])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        [],
+        {"probs": {}},
+        {"pred_class": "ship"},
+        {"pred_class": "ship", "probs": {}},
+        {"pred_class": "ship", "probs": {"ship": "high"}},
+    ],
+)
 def test_parse_prediction_rejects_other_shapes(payload):
     with pytest.raises(ValueError):
         parse_prediction(payload)
 
 
-@pytest.mark.parametrize("metadata", [{"classes": ["a", "b"], "val_accuracy": 0.9},
-                                      json.dumps({"classes": ["a", "b"], "val_accuracy": 0.9})])
+@pytest.mark.parametrize(
+    "metadata", [{"classes": ["a", "b"], "val_accuracy": 0.9}, json.dumps({"classes": ["a", "b"], "val_accuracy": 0.9})]
+)
 def test_parse_model_status_takes_metadata_as_object_or_string(metadata):
-    status = parse_model_status([{"batchSize": 16, "customizedMetadata": metadata,
-                                  "workers": [{"status": "READY"}, {"status": "UNLOADING"}]}])
+    status = parse_model_status(
+        [{"batchSize": 16, "customizedMetadata": metadata, "workers": [{"status": "READY"}, {"status": "UNLOADING"}]}]
+    )
     assert status.workers == ("READY", "UNLOADING") and status.ready_workers == 1 and status.ready
     assert status.batch_size == 16 and status.metadata == {"classes": ["a", "b"], "val_accuracy": 0.9}
     assert not parse_model_status([{"workers": []}]).ready
@@ -124,8 +156,13 @@ class FakeServer:
             def do_POST(self):  # noqa: N802 (http.server's naming)
                 data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with fake.lock:
-                    fake.requests.append({"auth": self.headers.get("Authorization"), "data": data,
-                                          "type": self.headers.get("Content-Type")})
+                    fake.requests.append(
+                        {
+                            "auth": self.headers.get("Authorization"),
+                            "data": data,
+                            "type": self.headers.get("Content-Type"),
+                        }
+                    )
                     fake.active += 1
                     fake.peak = max(fake.peak, fake.active)
                 try:
@@ -138,7 +175,24 @@ class FakeServer:
                     with fake.lock:
                         fake.active -= 1
 
-            def answer(self, status: int, body: dict):
+            def do_GET(self):  # noqa: N802
+                if self.headers.get("Authorization") != f"Bearer {fake.key}":
+                    self.answer(400, INVALID_KEY)
+                elif self.path == "/ping":
+                    self.answer(200, {"status": "Healthy"})
+                else:
+                    self.answer(
+                        200,
+                        [
+                            {
+                                "batchSize": 4,
+                                "workers": [{"status": "READY"}],
+                                "customizedMetadata": {"classes": ["ship"]},
+                            }
+                        ],
+                    )
+
+            def answer(self, status: int, body: dict | list):
                 content = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -153,7 +207,7 @@ class FakeServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
     def __exit__(self, *exc):
@@ -216,14 +270,21 @@ def test_a_slow_server_is_a_timeout(tmp_path):
     assert outcome.kind == "timeout" and "did not answer within 0.3s" in outcome.error and outcome.latency_ms < 1400
 
 
-@pytest.mark.parametrize(("status", "body", "kind", "text"), [
-    (413, {}, "too_large", "too large for the server (HTTP 413)"),
-    (404, {"code": 404, "type": "ModelNotFoundException", "message": "Model not found: cifar3"}, "not_found",
-     "Model not found: cifar3"),
-    (503, {"code": 503, "message": "No worker is available"}, "server", "No worker is available"),
-    (500, {"code": 500, "message": "Worker died."}, "server", "Worker died."),
-    (200, {"unexpected": True}, "bad_answer", "unexpected answer"),
-])
+@pytest.mark.parametrize(
+    ("status", "body", "kind", "text"),
+    [
+        (413, {}, "too_large", "too large for the server (HTTP 413)"),
+        (
+            404,
+            {"code": 404, "type": "ModelNotFoundException", "message": "Model not found: cifar3"},
+            "not_found",
+            "Model not found: cifar3",
+        ),
+        (503, {"code": 503, "message": "No worker is available"}, "server", "No worker is available"),
+        (500, {"code": 500, "message": "Worker died."}, "server", "Worker died."),
+        (200, {"unexpected": True}, "bad_answer", "unexpected answer"),
+    ],
+)
 def test_server_failures_become_messages(tmp_path, status, body, kind, text):
     with FakeServer(status=status, body=body) as fake:
         outcome = fake_client(fake, write_keys(tmp_path / "k.json", "good")).timed_predict("a.png", b"x")
@@ -237,6 +298,18 @@ def test_nothing_listening_is_unreachable(tmp_path):
     assert outcome.kind == "unreachable" and f"not reachable at {url}" in outcome.error
     state = client.server_state()
     assert not state.reachable and not state.ready and "serve.py start" in state.problems[0]
+    assert state.blocking == state.problems[0]
+
+
+def test_server_state_of_a_fake_server(tmp_path):
+    with FakeServer(key="m-key") as fake:
+        state = fake_client(fake, write_keys(tmp_path / "k.json", "i-key"), token="m-key").server_state()
+        assert state.reachable and state.ready and not state.problems and not state.blocking
+        assert state.model.batch_size == 4 and state.model.metadata == {"classes": ["ship"]}
+        url = f"http://127.0.0.1:{closed_port()}"
+        half = Cifar3Client(Config(fake.url, url, str(tmp_path / "k.json"), token="m-key")).server_state()
+    assert half.reachable and half.model is None and not half.blocking  # predictions may still work
+    assert half.problems[0].startswith(f"model state unknown: TorchServe is not reachable at {url}")
 
 
 # ---------------------------------------------------------------- the real TorchServe
@@ -259,15 +332,19 @@ def test_real_server_predictions_and_rejections(server):
     assert outcomes[0].prediction is not None, outcomes[0].error
     assert set(outcomes[0].prediction.probs) == {"airplane", "automobile", "ship"}
     assert abs(sum(outcomes[0].prediction.probs.values()) - 1) < 1e-4
-    expected = requests.post(f"{server.inference_url}/predictions/cifar3", data=bad, timeout=30,
-                             headers={**server.headers(), "Content-Type": "application/octet-stream"}).json()["error"]
+    expected = requests.post(
+        f"{server.inference_url}/predictions/cifar3",
+        data=bad,
+        timeout=30,
+        headers={**server.headers(), "Content-Type": "application/octet-stream"},
+    ).json()["error"]
     assert outcomes[1].kind == "rejected" and outcomes[1].error == f"the server rejected x.png: {expected}"
     assert outcomes[2].kind == "too_large"
     missing = Cifar3Client(Config(server.inference_url, server.management_url, str(server.key_file), model="nope"))
     with pytest.raises(ClientError, match="model nope is not loaded") as error:
         missing.predict(ship)
     assert error.value.kind == "not_found"
-    assert "model nope is not loaded" in missing.server_state().problems[0]
+    assert "model nope is not loaded" in missing.server_state().blocking
 
 
 @pytest.mark.server
@@ -277,9 +354,22 @@ def test_real_server_key_rotation_is_followed(server):
     ship = encode(sample_image("ship"), "PNG")
     assert client.predict(ship).pred_class
     old = client._credentials("inference")[0]
-    rotated = requests.post(f"{server.management_url}/token?type=inference", timeout=10,
-                            headers={"Authorization": f"Bearer {json.loads(server.key_file.read_text())['API']['key']}"})
+    api_key = json.loads(server.key_file.read_text())["API"]["key"]
+    rotated = requests.post(
+        f"{server.management_url}/token?type=inference", timeout=10, headers={"Authorization": f"Bearer {api_key}"}
+    )
     assert rotated.ok, rotated.text
     assert server.token("inference") != old
     assert client.predict(ship).pred_class  # rejected once, key file re-read, retried
     assert client._credentials("inference")[0] == server.token("inference")
+
+
+def test_the_ui_never_imports_torch():
+    """The page only speaks HTTP: no module under ui/ imports torch (or TorchServe's ts), even indirectly."""
+    for path in (ROOT / "ui").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.split(".")[0] in ("torch", "torchvision", "ts")], (path, names)
+    code = "import sys, ui.client, streamlit, altair, pandas, PIL; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, timeout=120).returncode == 0

@@ -21,6 +21,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import altair as alt
+import pandas as pd
 import streamlit as st
 from PIL import Image, UnidentifiedImageError
 
@@ -28,9 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `streamlit run ui/app.py` puts only ui/ on the path
     sys.path.insert(0, str(ROOT))
 
-from ui.client import IMAGE_TYPES, Cifar3Client, ClientError, Config, Outcome, ServerState  # noqa: E402
+from ui.client import IMAGE_TYPES, Cifar3Client, ClientError, Config, Outcome, Prediction, ServerState  # noqa: E402
 
 PREVIEW_WIDTH = 160
+OK, BAD = ":green[:material/check_circle:]", ":red[:material/cancel:]"  # icons bundled with Streamlit
 
 
 @st.cache_resource(show_spinner=False)
@@ -56,41 +59,66 @@ def sidebar_config(defaults: Config) -> Config:
         inference = st.text_input("Inference API", value=defaults.inference_url, key="inference_url")
         management = st.text_input("Management API", value=defaults.management_url, key="management_url")
         token_file = st.text_input("Token file (key_file.json)", value=defaults.token_file, key="token_file")
-        token = st.text_input("Inference token", value="", type="password", key="token",
-                              placeholder="from CIFAR3_TOKEN or the token file",
-                              help="TorchServe's inference key; leave empty to use CIFAR3_TOKEN or the token file.")
-        timeout = st.number_input("Prediction timeout (s)", min_value=1.0, max_value=600.0, step=5.0,
-                                  value=float(min(max(defaults.timeout, 1.0), 600.0)), key="timeout")
+        token = st.text_input(
+            "Inference token",
+            value="",
+            type="password",
+            key="token",
+            placeholder="from CIFAR3_TOKEN or the token file",
+            help="TorchServe's inference key; leave empty to use CIFAR3_TOKEN or the token file.",
+        )
+        timeout = st.number_input(
+            "Prediction timeout (s)",
+            min_value=1.0,
+            max_value=600.0,
+            step=5.0,
+            value=float(min(max(defaults.timeout, 1.0), 600.0)),
+            key="timeout",
+        )
     return defaults.with_overrides(
-        inference_url=inference or defaults.inference_url, management_url=management or defaults.management_url,
-        token_file=token_file or defaults.token_file, token=token or defaults.token, timeout=timeout,
+        inference_url=inference or defaults.inference_url,
+        management_url=management or defaults.management_url,
+        token_file=token_file or defaults.token_file,
+        token=token or defaults.token,
+        timeout=timeout,
     )
 
 
 def mark(ok: bool) -> str:
-    return "✅" if ok else "❌"
+    return OK if ok else BAD
 
 
 def show_server_state(box, state: ServerState, config: Config) -> None:
     """The sidebar's server panel: reachability, model readiness, workers, batch size, metadata, problems."""
     box.header("Server")
-    box.markdown(f"{mark(state.reachable)} Inference API {'reachable' if state.reachable else 'not reachable'}  \n"
-                 f"`{config.inference_url}`")
+    box.markdown(
+        f"{mark(state.reachable)} Inference API {'reachable' if state.reachable else 'not reachable'}  \n"
+        f"`{config.inference_url}`"
+    )
     model = state.model
     if model is None:
-        box.markdown(f"❌ Model `{config.model}`: unknown")
+        box.markdown(f"{BAD} Model `{config.model}`: unknown")
     else:
-        box.markdown(f"{mark(model.ready)} Model `{config.model}` {'READY' if model.ready else 'not ready'}  \n"
-                     f"Workers: {model.ready_workers} READY of {len(model.workers)} · "
-                     f"batch size: {model.batch_size if model.batch_size is not None else '?'}")
+        box.markdown(
+            f"{mark(model.ready)} Model `{config.model}` {'READY' if model.ready else 'not ready'}  \n"
+            f"Workers: {model.ready_workers} READY of {len(model.workers)} · "
+            f"batch size: {model.batch_size if model.batch_size is not None else '?'}"
+        )
         meta = model.metadata
         if meta:
             lines = [f"Classes: {', '.join(map(str, meta.get('classes', [])))}"]
             if isinstance(meta.get("val_accuracy"), (int, float)):
                 lines.append(f"Validation accuracy: {meta['val_accuracy']:.1%}")
-            lines += [f"{label}: {meta[key]}" for key, label in
-                      (("variant", "Model"), ("image_size", "Input size"), ("trained", "Trained"),
-                       ("device", "Device")) if meta.get(key) not in (None, "")]
+            lines += [
+                f"{label}: {meta[key]}"
+                for key, label in (
+                    ("variant", "Model"),
+                    ("image_size", "Input size"),
+                    ("trained", "Trained"),
+                    ("device", "Device"),
+                )
+                if meta.get(key) not in (None, "")
+            ]
             box.subheader("Model")
             box.markdown("  \n".join(lines))
     for problem in state.problems:
@@ -108,6 +136,27 @@ def preview(data: bytes, name: str) -> None:
         st.caption(f"{name}: no preview (not an image this page can decode)")
 
 
+def probability_chart(prediction: Prediction) -> alt.LayerChart:
+    """Horizontal bars of every class's probability in percent, most probable on top, labelled."""
+    data = pd.DataFrame(prediction.chart_data())  # already most probable first
+    data["predicted"] = data["class"] == prediction.pred_class
+    data["label"] = [f"{p:.1f}%" for p in data["probability (%)"]]
+    base = alt.Chart(data).encode(
+        y=alt.Y("class:N", sort=list(data["class"]), title=None, axis=alt.Axis(labelFontSize=13, labelOverlap=False)),
+        x=alt.X(
+            "probability (%):Q",
+            scale=alt.Scale(domain=[0, 112]),
+            axis=alt.Axis(values=[0, 25, 50, 75, 100], title="probability (%)"),
+        ),
+        tooltip=["class", alt.Tooltip("probability (%):Q", format=".2f")],
+    )
+    bars = base.mark_bar(cornerRadiusEnd=3).encode(
+        color=alt.condition("datum.predicted", alt.value("#1f77b4"), alt.value("#a6c8e8"))
+    )
+    labels = base.mark_text(align="left", dx=4, fontSize=12).encode(text="label:N")
+    return (bars + labels).properties(height=alt.Step(30))
+
+
 def show_outcome(outcome: Outcome, data: bytes) -> None:
     """One image's card: the image, then its predicted class, latency and probability chart, or the error."""
     with st.container(border=True):
@@ -120,11 +169,10 @@ def show_outcome(outcome: Outcome, data: bytes) -> None:
                 st.caption(f"{outcome.name} · round trip {outcome.latency_ms:.0f} ms")
                 return
             prediction = outcome.prediction
-            confidence = prediction.probs[prediction.pred_class] if prediction.pred_class in prediction.probs else 0
+            confidence = prediction.probs.get(prediction.pred_class, 0.0)
             st.markdown(f"#### {outcome.name}: **{prediction.pred_class}**")
             st.caption(f"{confidence:.1%} confident · round trip {outcome.latency_ms:.0f} ms")
-            st.bar_chart(prediction.chart_data(), x="class", y="probability (%)", horizontal=True,
-                         sort="-probability (%)", height=40 + 32 * len(prediction.probs))
+            st.altair_chart(probability_chart(prediction), width="stretch")
 
 
 def show_results(client: Cifar3Client, files: Sequence) -> None:
@@ -133,14 +181,16 @@ def show_results(client: Cifar3Client, files: Sequence) -> None:
     with st.spinner(f"Classifying {len(uploads)} image(s)…"):
         outcomes = client.predict_many(uploads)
     ok = sum(o.prediction is not None for o in outcomes)
-    st.caption(f"{ok} of {len(outcomes)} image(s) classified · slowest round trip "
-               f"{max(o.latency_ms for o in outcomes):.0f} ms (sent concurrently)")
+    st.caption(
+        f"{ok} of {len(outcomes)} image(s) classified · slowest round trip "
+        f"{max(o.latency_ms for o in outcomes):.0f} ms (sent concurrently)"
+    )
     for outcome, (_, data) in zip(outcomes, uploads, strict=True):
         show_outcome(outcome, data)
 
 
 def main() -> None:
-    st.set_page_config(page_title="cifar3 classifier", page_icon="🛩️", layout="wide")
+    st.set_page_config(page_title="cifar3 classifier", page_icon=":material/image_search:", layout="wide")
     status_box = st.sidebar.container()
     try:
         config = sidebar_config(env_config(cifar3_env()))
@@ -151,15 +201,21 @@ def main() -> None:
     state = client.server_state()
     show_server_state(status_box, state, config)
 
-    classes = (state.model.metadata.get("classes") if state.model else None) or ["airplane", "automobile", "ship"]
+    classes = state.model.metadata.get("classes") if state.model else None
+    classes = classes if isinstance(classes, list) and classes else ["airplane", "automobile", "ship"]
     st.title("cifar3 image classifier")
-    st.caption(f"ResNet18 served by TorchServe at {config.inference_url}: is it a {', '.join(classes[:-1])} "
-               f"or {classes[-1]}?")
-    if not state.ready:
-        st.error("The server cannot classify images right now: " + (state.problems[0] if state.problems else
-                 "unknown state") + " (details in the sidebar).")
-    files = st.file_uploader("Images", type=list(IMAGE_TYPES), accept_multiple_files=True, key="images",
-                             help="One or several images; each is sent to the server as it is.")
+    st.caption(f"A ResNet18 served by TorchServe at {config.inference_url} tells {', '.join(map(str, classes))} apart.")
+    if state.blocking:
+        st.error(f"The server cannot classify images right now: {state.blocking}")
+    elif state.problems:
+        st.warning(f"Images can be sent, but the server's state is incomplete: {state.problems[0]}")
+    files = st.file_uploader(
+        "Images",
+        type=list(IMAGE_TYPES),
+        accept_multiple_files=True,
+        key="images",
+        help="One or several images; each is sent to the server as it is.",
+    )
     if not files:
         st.info(f"Upload one or several images ({', '.join(IMAGE_TYPES)}) to classify them.")
         return

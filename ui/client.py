@@ -82,8 +82,9 @@ class Config:
         try:
             seconds = float(timeout) if timeout else DEFAULT_TIMEOUT
         except ValueError:
-            raise ClientError(f"CIFAR3_TIMEOUT={timeout!r} is not a number of seconds: set it to e.g. 30",
-                              "config") from None
+            raise ClientError(
+                f"CIFAR3_TIMEOUT={timeout!r} is not a number of seconds: set it to e.g. 30", "config"
+            ) from None
         return cls(
             inference_url=env.get("CIFAR3_INFERENCE_URL") or DEFAULT_INFERENCE_URL,
             management_url=env.get("CIFAR3_MANAGEMENT_URL") or DEFAULT_MANAGEMENT_URL,
@@ -223,7 +224,9 @@ def parse_model_status(payload: Any) -> ModelStatus:
         except ValueError:
             metadata = {}
     batch = description.get("batchSize")
-    return ModelStatus(workers, batch if isinstance(batch, int) else None, metadata if isinstance(metadata, dict) else {})
+    return ModelStatus(
+        workers, batch if isinstance(batch, int) else None, metadata if isinstance(metadata, dict) else {}
+    )
 
 
 @dataclass(frozen=True)
@@ -239,11 +242,13 @@ class Outcome:
 
 @dataclass(frozen=True)
 class ServerState:
-    """The sidebar's view of the server; ``problems`` says what is wrong, in order."""
+    """The sidebar's view of the server. ``problems`` says what is wrong, in order; ``blocking`` is
+    the one that stops predictions (empty when images can be classified, as far as is known)."""
 
     reachable: bool = False
     model: ModelStatus | None = None
     problems: tuple[str, ...] = ()
+    blocking: str = ""
 
     @property
     def ready(self) -> bool:
@@ -323,19 +328,26 @@ class Cifar3Client:
         try:
             return self.session.request(method, url, headers=headers, timeout=timeout, **kwargs)
         except requests.ConnectTimeout:
-            raise ClientError(f"TorchServe at {where} did not accept a connection within {timeout:g}s: "
-                              f"is the address right and the server running? {START_HINT}", "unreachable") from None
+            raise ClientError(
+                f"TorchServe at {where} did not accept a connection within {timeout:g}s: "
+                f"is the address right and the server running? {START_HINT}",
+                "unreachable",
+            ) from None
         except requests.Timeout:
-            raise ClientError(f"TorchServe at {where} did not answer within {timeout:g}s: the server is busy or "
-                              "stuck; try again, or raise CIFAR3_TIMEOUT", "timeout") from None
+            raise ClientError(
+                f"TorchServe at {where} did not answer within {timeout:g}s: the server is busy or "
+                "stuck; try again, or raise CIFAR3_TIMEOUT",
+                "timeout",
+            ) from None
         except requests.ConnectionError as exc:
             reason = "connection refused" if "refused" in str(exc).lower() else exc.__class__.__name__
-            raise ClientError(f"TorchServe is not reachable at {where} ({reason}): is it running? {START_HINT}, "
-                              "or set the server's address (CIFAR3_INFERENCE_URL / CIFAR3_MANAGEMENT_URL)",
-                              "unreachable") from None
+            raise ClientError(
+                f"TorchServe is not reachable at {where} ({reason}): is it running? {START_HINT}, "
+                "or set the server's address (CIFAR3_INFERENCE_URL / CIFAR3_MANAGEMENT_URL)",
+                "unreachable",
+            ) from None
         except requests.RequestException as exc:
-            raise ClientError(f"cannot send a request to {url!r}: {exc}; check the server address",
-                              "config") from None
+            raise ClientError(f"cannot send a request to {url!r}: {exc}; check the server address", "config") from None
 
     # -- server state
 
@@ -343,19 +355,24 @@ class Cifar3Client:
         """Return when the inference API answers GET /ping healthy, else ClientError."""
         response = self._request("GET", f"{self.config.inference_url}/ping", "inference", STATUS_TIMEOUT)
         if not response.ok:
-            raise ClientError(f"the inference API answered /ping with HTTP {response.status_code}: "
-                              f"{error_text(response)}", "server")
+            raise ClientError(
+                f"the inference API answered /ping with HTTP {response.status_code}: {error_text(response)}", "server"
+            )
 
     def model_status(self, customized: bool = False) -> ModelStatus:
         """The model's workers and batch size (and, with ``customized``, the handler's metadata)."""
         url = f"{self.config.management_url}/models/{self.config.model}" + ("?customized=true" if customized else "")
         response = self._request("GET", url, "management", STATUS_TIMEOUT)
         if response.status_code == 404:
-            raise ClientError(f"model {self.config.model} is not loaded on the server: build model_store/"
-                              f"{self.config.model}.mar (scripts/archive.sh) and restart the server", "not_found")
+            raise ClientError(
+                f"model {self.config.model} is not loaded on the server: build model_store/"
+                f"{self.config.model}.mar (scripts/archive.sh) and restart the server",
+                "not_found",
+            )
         if not response.ok:
-            raise ClientError(f"the management API answered HTTP {response.status_code}: {error_text(response)}",
-                              "server")
+            raise ClientError(
+                f"the management API answered HTTP {response.status_code}: {error_text(response)}", "server"
+            )
         try:
             return parse_model_status(response.json())
         except ValueError as exc:
@@ -363,37 +380,47 @@ class Cifar3Client:
 
     def server_state(self) -> ServerState:
         """Ping, the model's status and its metadata; never raises: failures land in ``problems``."""
-        problems: list[str] = []
         try:
             self.ping()
-            reachable = True
         except ClientError as exc:
-            reachable = False
-            problems.append(exc.message)
             if exc.kind == "unreachable" and same_host(self.config.inference_url, self.config.management_url):
-                return ServerState(False, None, tuple(problems))  # nothing listens on that host: stop here
+                return ServerState(False, None, (exc.message,), exc.message)  # nothing listens there: stop here
+            state = self._model_state(False)
+            return replace(state, problems=(exc.message, *state.problems), blocking=exc.message)
+        return self._model_state(True)
+
+    def _model_state(self, reachable: bool) -> ServerState:
+        """The management API's part of server_state()."""
         try:
             model = self.model_status()
         except ClientError as exc:
-            return ServerState(reachable, None, (*problems, exc.message))
+            if exc.kind == "not_found":
+                return ServerState(reachable, None, (exc.message,), exc.message)
+            return ServerState(reachable, None, (f"model state unknown: {exc.message}",))
         if not model.ready:
             states = ", ".join(model.workers) or "no workers"
-            problems.append(f"model {self.config.model} has no READY worker ({states}): it is still loading or "
-                            "its workers crashed; see the server's logs (run/logs/model_log.log)")
-        else:
-            try:
-                model = replace(self.model_status(customized=True), workers=model.workers)
-            except ClientError as exc:
-                problems.append(f"model metadata unavailable: {exc.message}")
-        return ServerState(reachable, model, tuple(problems))
+            message = (
+                f"model {self.config.model} has no READY worker ({states}): it is still loading or its "
+                "workers crashed; wait, or see the server's logs (run/logs/model_log.log)"
+            )
+            return ServerState(reachable, model, (message,), message)
+        try:
+            model = replace(self.model_status(customized=True), workers=model.workers)
+        except ClientError as exc:
+            return ServerState(reachable, model, (f"model metadata unavailable: {exc.message}",))
+        return ServerState(reachable, model)
 
     # -- predictions
 
     def predict(self, data: bytes, name: str = "image") -> Prediction:
         """The model's answer for one image's bytes, or ClientError saying why there is none."""
         response = self._request(
-            "POST", f"{self.config.inference_url}/predictions/{self.config.model}", "inference",
-            self.config.timeout, data=data, headers={"Content-Type": "application/octet-stream"},
+            "POST",
+            f"{self.config.inference_url}/predictions/{self.config.model}",
+            "inference",
+            self.config.timeout,
+            data=data,
+            headers={"Content-Type": "application/octet-stream"},
         )
         status = response.status_code
         if status == 200:
@@ -402,19 +429,28 @@ class Cifar3Client:
             except ValueError as exc:
                 raise ClientError(f"unexpected answer for {name}: {exc}", "bad_answer") from None
         if status == 413:
-            raise ClientError(f"{name} ({len(data) / 1e6:.1f} MB) is too large for the server (HTTP 413): "
-                              "upload a smaller image, or raise max_request_size in config.properties", "too_large")
+            raise ClientError(
+                f"{name} ({len(data) / 1e6:.1f} MB) is too large for the server (HTTP 413): "
+                "upload a smaller image, or raise max_request_size in config.properties",
+                "too_large",
+            )
         if status == 404:
-            raise ClientError(f"model {self.config.model} is not loaded on the server (HTTP 404: "
-                              f"{error_text(response)}): restart it with a model_store holding "
-                              f"{self.config.model}.mar", "not_found")
+            raise ClientError(
+                f"model {self.config.model} is not loaded on the server (HTTP 404: "
+                f"{error_text(response)}): restart it with a model_store holding "
+                f"{self.config.model}.mar",
+                "not_found",
+            )
         if status == 400:
             raise ClientError(f"the server rejected {name}: {error_text(response)}", "rejected")
         if status == 503:
-            raise ClientError(f"the model has no free worker (HTTP 503: {error_text(response)}): "
-                              "wait a moment and try again", "server")
-        raise ClientError(f"the server failed on {name} (HTTP {status}: {error_text(response)}); "
-                          "see run/logs/model_log.log", "server")
+            raise ClientError(
+                f"the model has no free worker (HTTP 503: {error_text(response)}): wait a moment and try again",
+                "server",
+            )
+        raise ClientError(
+            f"the server failed on {name} (HTTP {status}: {error_text(response)}); see run/logs/model_log.log", "server"
+        )
 
     def timed_predict(self, name: str, data: bytes) -> Outcome:
         """predict() as an Outcome, with the round-trip latency in milliseconds."""

@@ -1,0 +1,169 @@
+"""ui/app.py run by Streamlit's AppTest against the real TorchServe of the session (no browser)."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import requests
+from conftest import ROOT
+from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
+from streamlit.testing.v1 import AppTest
+from synthetic import encode, sample_image
+
+APP = ROOT / "ui" / "app.py"
+TIMEOUT = 60  # seconds per script run: generous for a loaded 2-core machine
+
+pytestmark = pytest.mark.server
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def point_at(monkeypatch):
+    """Set the CIFAR3_* variables the page reads (and clear the others)."""
+
+    def point(inference_url: str, management_url: str, token_file: str, token: str = "") -> None:
+        for name in (
+            "CIFAR3_INFERENCE_URL",
+            "CIFAR3_MANAGEMENT_URL",
+            "CIFAR3_TOKEN_FILE",
+            "CIFAR3_TOKEN",
+            "CIFAR3_TIMEOUT",
+        ):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("CIFAR3_INFERENCE_URL", inference_url)
+        monkeypatch.setenv("CIFAR3_MANAGEMENT_URL", management_url)
+        monkeypatch.setenv("CIFAR3_TOKEN_FILE", token_file)
+        if token:
+            monkeypatch.setenv("CIFAR3_TOKEN", token)
+
+    return point
+
+
+@pytest.fixture
+def app(server, point_at) -> AppTest:
+    """The page, configured for the session's server, after its first run."""
+    point_at(server.inference_url, server.management_url, str(server.key_file))
+    return AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+
+
+def server_answer(server, data: bytes) -> dict:
+    """What the server itself answers for these bytes (the page must show the same)."""
+    response = requests.post(
+        f"{server.inference_url}/predictions/cifar3",
+        data=data,
+        timeout=30,
+        headers={**server.headers(), "Content-Type": "application/octet-stream"},
+    )
+    return response.json()
+
+
+def upload(at: AppTest, *files: tuple[str, bytes]) -> AppTest:
+    at.file_uploader(key="images").set_value([(name, data, "application/octet-stream") for name, data in files])
+    return at.run()
+
+
+def charts(at: AppTest) -> list:
+    return list(at.get("vega_lite_chart"))
+
+
+def chart_frame(chart):
+    """The chart's data set as a DataFrame."""
+    return convert_arrow_bytes_to_pandas_df(chart.proto.datasets[0].data.data)
+
+
+def test_sidebar_shows_a_ready_server_and_its_model(app, server):
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    sidebar = " ".join(m.value for m in app.sidebar.markdown)
+    assert "Inference API reachable" in sidebar and "Model `cifar3` READY" in sidebar
+    assert "Workers: 1 READY of 1" in sidebar and "batch size: " in sidebar
+    assert "Classes: airplane, automobile, ship" in sidebar and "Validation accuracy: " in sidebar
+    assert app.file_uploader(key="images").allowed_type == [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"]
+    assert app.file_uploader(key="images").accept_multiple_files
+    assert "Upload one or several images" in app.info[0].value
+
+
+def test_upload_shows_the_prediction_and_a_sorted_percent_chart(app, server):
+    data = encode(sample_image("ship"), "PNG")
+    expected = server_answer(server, data)
+    upload(app, ("ship.png", data))
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert f"#### ship.png: **{expected['pred_class']}**" in [m.value for m in app.main.markdown]
+    assert any("round trip" in c.value and "ms" in c.value for c in app.main.caption)
+    [chart] = charts(app)
+    frame = chart_frame(chart)
+    ranked = sorted(expected["probs"].items(), key=lambda kv: -kv[1])
+    assert list(frame["class"]) == [c for c, _ in ranked]
+    assert list(frame["probability (%)"]) == pytest.approx([p * 100 for _, p in ranked], abs=0.01)
+    bars = json.loads(chart.proto.spec)["layer"][0]["encoding"]
+    assert bars["y"]["field"] == "class" and bars["y"]["sort"] == [c for c, _ in ranked]  # horizontal, largest on top
+    assert bars["x"]["field"] == "probability (%)" and bars["x"]["type"] == "quantitative"
+    assert len(app.main.get("image")) == 1
+
+
+def test_several_images_each_get_their_own_answer(app, server):
+    files = [(f"{name}.png", encode(sample_image(name, seed=3), "PNG")) for name in ("airplane", "automobile", "ship")]
+    expected = [server_answer(server, data)["pred_class"] for _, data in files]
+    upload(app, *files)
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    shown = [m.value for m in app.main.markdown if m.value.startswith("#### ")]
+    assert shown == [f"#### {name}: **{pred}**" for (name, _), pred in zip(files, expected, strict=True)]
+    assert len(charts(app)) == 3 and "3 of 3 image(s) classified" in " ".join(c.value for c in app.main.caption)
+
+
+def test_a_bad_image_shows_the_servers_message(app, server):
+    good = encode(sample_image("airplane"), "JPEG")
+    expected = server_answer(server, b"not an image")["error"]
+    upload(app, ("x.png", b"not an image"), ("plane.jpg", good))
+    assert not app.exception
+    assert [e.value for e in app.error] == [f"the server rejected x.png: {expected}"]
+    assert len(charts(app)) == 1 and "1 of 2 image(s) classified" in " ".join(c.value for c in app.main.caption)
+
+
+def test_server_down_is_a_clear_message(point_at, tmp_path):
+    url = f"http://127.0.0.1:{closed_port()}"
+    point_at(url, url, str(tmp_path / "key_file.json"))
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert any(f"TorchServe is not reachable at {url}" in e and "serve.py start" in e for e in errors), errors
+    assert "Inference API not reachable" in " ".join(m.value for m in at.sidebar.markdown)
+    upload(at, ("ship.png", encode(sample_image("ship"), "PNG")))
+    assert not at.exception and not charts(at)
+    assert any(f"not reachable at {url}" in e.value for e in at.main.error)
+
+
+def test_a_rejected_token_is_a_clear_message(server, point_at, tmp_path):
+    point_at(server.inference_url, server.management_url, str(tmp_path / "missing.json"), token="wrong")
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    assert not at.exception
+    upload(at, ("ship.png", encode(sample_image("ship"), "PNG")))
+    errors = [e.value for e in at.main.error]
+    assert errors and all("TorchServe rejected the token from CIFAR3_TOKEN" in e for e in errors), errors
+    assert not charts(at)
+
+
+def test_sidebar_settings_override_the_environment(app, server):
+    url = f"http://127.0.0.1:{closed_port()}"
+    app.sidebar.text_input(key="inference_url").set_value(url)
+    app.run()
+    assert not app.exception
+    assert any(f"not reachable at {url}" in e.value for e in app.sidebar.error)
+    app.sidebar.text_input(key="inference_url").set_value(server.inference_url).run()
+    assert not app.error and "Model `cifar3` READY" in " ".join(m.value for m in app.sidebar.markdown)
+
+
+def test_a_bad_setting_is_a_clear_message(server, point_at, monkeypatch):
+    point_at(server.inference_url, server.management_url, str(server.key_file))
+    monkeypatch.setenv("CIFAR3_TIMEOUT", "soon")
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [
+        "Configuration error: CIFAR3_TIMEOUT='soon' is not a number of seconds: set it to e.g. 30"
+    ]
