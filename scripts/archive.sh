@@ -6,12 +6,14 @@
 # The archive is self-contained: the handler, the shared training modules it imports
 # (model, preprocessing, checkpoint, inference), index_to_name.json generated from the
 # checkpoint's classes, and handler/model-config.yaml. A plain TorchServe with torch,
-# torchvision, pillow and pyyaml serves it. Env: MODEL_STORE (default model_store), MODEL_NAME.
+# torchvision, pillow and pyyaml serves it. Env: MODEL_STORE (default model_store), MODEL_NAME,
+# MODEL_CONFIG (default handler/model-config.yaml; the benchmark compares settings with it).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 checkpoint="${1:-$root/checkpoints/cifar3.pt}"
 model_store="${MODEL_STORE:-$root/model_store}"
 model_name="${MODEL_NAME:-cifar3}"
+model_config="${MODEL_CONFIG:-$root/handler/model-config.yaml}"
 python="${PYTHON:-$root/.venv/bin/python}"
 [ -x "$python" ] || python="$(command -v python3)"
 
@@ -49,6 +51,6 @@ torch-model-archiver --force \
   --serialized-file "$stage/$model_name.pt" \
   --handler "$root/handler/cifar3_handler.py" \
   --extra-files "$stage/extra" \
-  --config-file "$root/handler/model-config.yaml" \
+  --config-file "$model_config" \
   --export-path "$model_store"
 echo "wrote $model_store/$model_name.mar ($(du -h "$model_store/$model_name.mar" | cut -f1))"

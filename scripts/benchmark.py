@@ -16,6 +16,7 @@ and served phases never overlap, so they do not compete for the cores.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -27,9 +28,11 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -62,6 +65,18 @@ def load_image_bytes(folder: Path, count: int) -> list[bytes]:
         Image.effect_noise((32, 32), 40 + i % 50).convert("RGB").save(buffer, "PNG")
         images.append(buffer.getvalue())
     return images
+
+
+def untrained_checkpoint(variant: str, folder: Path) -> Path:
+    from training.checkpoint import ModelMeta, save_checkpoint
+    from training.classes import DEFAULT_CLASSES
+    from training.model import build_model
+    from training.preprocessing import CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE
+
+    path = folder / f"untrained-{variant}.pt"
+    meta = ModelMeta(variant, list(DEFAULT_CLASSES), IMAGE_SIZE, list(CIFAR10_MEAN), list(CIFAR10_STD))
+    save_checkpoint(path, build_model(variant, len(DEFAULT_CLASSES)).eval(), meta)
+    return path
 
 
 def time_it(fn, repeats: int) -> list[float]:
@@ -106,8 +121,12 @@ def in_process(checkpoint: Path, images: list[bytes], threads: int, seconds: flo
 
 
 def load(server: Server, images: list[bytes], concurrency: int, seconds: float) -> dict:
-    """Closed loop: each client sends its next request when the previous one is answered."""
-    url = f"{server.inference_url}/predictions/{server.model}"
+    """Closed loop: each client sends its next request when the previous one is answered.
+
+    Clients use http.client keep-alive connections: the load generator shares the 2 cores with the
+    server, so it must cost as little CPU per request as possible (requests costs several times more).
+    """
+    url = urlsplit(f"{server.inference_url}/predictions/{server.model}")
     headers = server.headers() | {"Content-Type": "application/octet-stream"}
     latencies: list[float] = []
     errors: dict[str, int] = {}
@@ -115,15 +134,19 @@ def load(server: Server, images: list[bytes], concurrency: int, seconds: float) 
     stop_at = time.perf_counter() + seconds
 
     def client(offset: int) -> None:
-        session = requests.Session()
+        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
         i = offset
         while time.perf_counter() < stop_at:
             start = time.perf_counter()
             try:
-                response = session.post(url, data=images[i % len(images)], headers=headers, timeout=30)
-                outcome = None if response.status_code == 200 else f"HTTP {response.status_code}"
-            except requests.RequestException as exc:
+                connection.request("POST", url.path, body=images[i % len(images)], headers=headers)
+                response = connection.getresponse()
+                response.read()
+                outcome = None if response.status == 200 else f"HTTP {response.status}"
+            except (OSError, http.client.HTTPException) as exc:
                 outcome = exc.__class__.__name__
+                connection.close()
+                connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
             elapsed = time.perf_counter() - start
             with lock:
                 if outcome:
@@ -131,9 +154,10 @@ def load(server: Server, images: list[bytes], concurrency: int, seconds: float) 
                 else:
                     latencies.append(elapsed * 1000)
             i += concurrency
+        connection.close()
 
-    for _ in range(2):  # warm-up: the connection pool and the worker's first batches
-        requests.post(url, data=images[0], headers=headers, timeout=30)
+    for _ in range(2):  # warm-up: the worker's first batches
+        requests.post(url.geturl(), data=images[0], headers=headers, timeout=30)
     started = time.perf_counter()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
     for t in threads:
@@ -206,7 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in-process")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "reports")
+    parser.add_argument(
+        "--model-config",
+        type=Path,
+        default=ROOT / "handler" / "model-config.yaml",
+        help="model-config.yaml to archive with (to compare batching/worker settings)",
+    )
+    parser.add_argument("--variant", help="benchmark an untrained model of this variant instead of --checkpoint")
     args = parser.parse_args(argv)
+    if args.variant:  # speed does not depend on the weights: a random model of the variant will do
+        args.checkpoint = untrained_checkpoint(args.variant, Path(tempfile.mkdtemp(prefix="cifar3-untrained-")))
     if not args.checkpoint.is_file():
         print(
             f"error: checkpoint not found: {args.checkpoint}; train one with python -m training.train", file=sys.stderr
@@ -220,13 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cifar3-bench-") as tmp:
         store = Path(tmp) / "model_store"
         subprocess.run(["bash", str(ROOT / "scripts" / "archive.sh"), str(args.checkpoint)], check=True,
-                       env={**os.environ, "MODEL_STORE": str(store)}, stdout=subprocess.DEVNULL)  # fmt: skip
+                       env={**os.environ, "MODEL_STORE": str(store), "MODEL_CONFIG": str(args.model_config)},
+                       stdout=subprocess.DEVNULL)  # fmt: skip
         server = Server(write_server_config(Path(tmp), store), Path(tmp) / "run")
         server.start(timeout=300)
         try:
             described = requests.get(f"{server.management_url}/models/{server.model}",
                                      headers=server.headers("management"), timeout=30).json()[0]  # fmt: skip
             settings = {k: described.get(k) for k in ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers")}
+            settings["torch_threads"] = (yaml.safe_load(args.model_config.read_text()).get("handler") or {}).get(
+                "torch_threads"
+            )
             served = []
             for concurrency in (int(c) for c in args.concurrency.split(",")):
                 served.append(load(server, images, concurrency, args.seconds))

@@ -13,26 +13,39 @@ the tokens (mode 600), ``run/logs/`` the logs, ``run/tmp/`` the pid file. ``--co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config.properties"
 DEFAULT_RUN_DIR = ROOT / "run"
 DEFAULT_MODEL = "cifar3"
-# Log lines by which TorchServe says a model will never load (e.g. a corrupt .mar).
-LOAD_FAILURE = re.compile(r"Failed (to )?(load|register) model|ModelNotFoundException|InvalidModelException|"
-                          r"BadZipFile|zip END header not found|Failed to unzip|load_models.*failed", re.I)
+# ts_log.log lines by which TorchServe 0.12 says a model will not load:
+#   "ModelServer - Failed to load model: cifar3.mar"  (the archive cannot be read: truncated, not a zip;
+#                                                       the model is then not registered at all)
+#   "BatchAggregator - Load model failed: cifar3, error: Worker died."  (the archive opened but the
+#                                                       handler failed in initialize(); retried forever)
+#   "MODEL_LOG - Failed to load model cifar3, exception ..."  (the worker's own report of the same)
+LOAD_FAILURE = re.compile(r"Failed to (load|register) model|Load model failed|InvalidModelException")
+# The exception that explains it: a Java stack-trace head, or a Python error the worker logged.
+JAVA_ERROR = re.compile(r"^((?:[a-z]\w*\.)+[A-Z]\w*(?:Exception|Error)\b.*)$")
+PYTHON_ERROR = re.compile(r"MODEL_LOG - ((?:[A-Za-z_][\w.]*)?(?:Error|Exception)\b: .*)$")
+START_MARKER = b"Torchserve version:"  # the banner TorchServe logs once per start
+# torchserve.out lines that say why the Java process exited during start-up (e.g. a port in use).
+STARTUP_FAILURE = re.compile(r"Failed to bind|Address already in use|Exception in thread \"main\"|Error: ", re.I)
 
 
 class ServerError(RuntimeError):
@@ -41,8 +54,8 @@ class ServerError(RuntimeError):
 
 def read_properties(path: Path) -> dict[str, str]:
     props = {}
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
+    for raw in Path(path).read_text().splitlines():
+        line = raw.strip()
         if line and not line.startswith("#") and "=" in line:
             key, value = line.split("=", 1)
             props[key.strip()] = value.strip()
@@ -59,6 +72,8 @@ class Server:
 
     def __post_init__(self):
         self.config, self.run_dir = Path(self.config).resolve(), Path(self.run_dir).resolve()
+        self._log_offset: int | None = None  # where this object's start() began in ts_log.log
+        self.killed_on_stop: list[int] = []  # worker pids the last stop() had to kill (Java left them)
         props = read_properties(self.config)
         self.inference_url = props.get("inference_address", "http://127.0.0.1:8080")
         self.management_url = props.get("management_address", "http://127.0.0.1:8081")
@@ -104,9 +119,17 @@ class Server:
         env = dict(os.environ)
         venv_bin = str(Path(sys.executable).parent)
         env.update(
-            TMPDIR=str(self.tmp_dir), TEMP=str(self.tmp_dir), LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir),
+            TMPDIR=str(self.tmp_dir),
+            LOG_LOCATION=str(self.log_dir),
+            METRICS_LOCATION=str(self.log_dir),
             PATH=f"{venv_bin}{os.pathsep}{env.get('PATH', '')}",
         )
+        # TEMP becomes Java's java.io.tmpdir, where the frontend puts its workers' Unix sockets
+        # (.ts.sock.9000, ...). The default /tmp is shared by every TorchServe on the machine, and
+        # two servers' worker 9000 would take over each other's socket; run/tmp keeps them apart
+        # (if its path is short enough for a socket name, 107 bytes on Linux).
+        if len(str(self.tmp_dir / ".ts.sock.65535").encode()) < 100:
+            env["TEMP"] = str(self.tmp_dir)
         return env
 
     def start(self, timeout: float = 180.0) -> None:
@@ -124,20 +147,36 @@ class Server:
         for folder in (self.run_dir, self.tmp_dir, self.log_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.key_file.unlink(missing_ok=True)
+        log = self.log_dir / "ts_log.log"
+        self._log_offset = log.stat().st_size if log.exists() else 0  # only this start's lines count
         out = self.run_dir / "torchserve.out"
         old_umask = os.umask(0o077)  # key_file.json and logs readable by this user only
         try:
             with open(out, "wb") as log:  # a file, not a pipe: Java keeps this descriptor open
                 subprocess.run(
-                    [torchserve, "--start", "--ncs", "--ts-config", str(self.config), "--model-store", str(self.model_store)],
-                    cwd=self.run_dir, env=self._env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    check=True, timeout=60,
+                    [
+                        torchserve,
+                        "--start",
+                        "--ncs",
+                        "--ts-config",
+                        str(self.config),
+                        "--model-store",
+                        str(self.model_store),
+                    ],
+                    cwd=self.run_dir,
+                    env=self._env(),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    check=True,
+                    timeout=60,
                 )
         finally:
             os.umask(old_umask)
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float) -> None:
+        """Return when the model has a READY worker; ServerError as soon as it is clear that it never will."""
         deadline = time.monotonic() + timeout
         while True:
             state = self.state()
@@ -146,29 +185,81 @@ class Server:
                     self.key_file.chmod(0o600)
                 return
             failure = self.load_failure()
-            if failure or not self.pid() and time.monotonic() > deadline - timeout + 10:
-                raise ServerError(f"model {self.model} failed to load: {failure or 'TorchServe exited'} "
-                                  f"(see {self.log_dir}/ts_log.log)")
+            if failure:
+                raise ServerError(f"model {self.model} failed to load: {failure} (see {self.log_dir}/ts_log.log)")
+            if not self.pid():
+                raise ServerError(
+                    f"TorchServe exited during start-up: {self.startup_failure()} "
+                    f"(see {self.run_dir}/torchserve.out and {self.log_dir}/ts_log.log)"
+                )
             if time.monotonic() > deadline:
-                raise ServerError(f"model {self.model} not ready after {timeout:.0f}s: {state['reason']} "
-                                  f"(see {self.log_dir}/model_log.log)")
+                raise ServerError(
+                    f"model {self.model} not ready after {timeout:.0f}s: {state['reason']} "
+                    f"(see {self.log_dir}/model_log.log)"
+                )
             time.sleep(0.5)
 
+    def _log_lines(self) -> list[str]:
+        """ts_log.log lines of the latest start: from this object's start() if it made one, else from
+        the last start banner (the log keeps earlier runs' lines)."""
+        try:
+            data = (self.log_dir / "ts_log.log").read_bytes()
+        except OSError:
+            return []
+        if self._log_offset is not None and self._log_offset <= len(data):
+            data = data[self._log_offset :]
+        else:
+            marker = data.rfind(START_MARKER)
+            data = data[data.rfind(b"\n", 0, marker) + 1 :] if marker >= 0 else data
+        return data.decode(errors="replace").splitlines()
+
     def load_failure(self) -> str | None:
-        log = self.log_dir / "ts_log.log"
-        if not log.exists():
-            return None
-        for line in log.read_text(errors="replace").splitlines():
-            if LOAD_FAILURE.search(line):
-                return line.strip()[-300:]
+        """Why the model failed to load in the latest start, from ts_log.log, or None."""
+        lines = self._log_lines()
+        for i, line in enumerate(lines):
+            if not LOAD_FAILURE.search(line):
+                continue
+            message = line.split(" - ", 1)[-1].strip()
+            cause = next(
+                (m.group(1) for later in lines[i + 1 : i + 20] if (m := JAVA_ERROR.match(later.strip()))), None
+            )
+            if cause is None:  # a worker died while loading: the Python error it logged just before
+                cause = next(
+                    (
+                        m.group(1)
+                        for earlier in reversed(lines[max(0, i - 400) : i])
+                        if (m := PYTHON_ERROR.search(earlier))
+                    ),
+                    None,
+                )
+            return (message + (f" ({cause.strip()[:300]})" if cause else ""))[:500]
         return None
 
+    def startup_failure(self) -> str:
+        """Why the Java process exited during start-up, from torchserve.out (e.g. a port already in use)."""
+        try:
+            lines = (self.run_dir / "torchserve.out").read_text(errors="replace").splitlines()
+        except OSError:
+            return "no output"
+        found = [line.strip() for line in lines if STARTUP_FAILURE.search(line)]
+        reason = found[0] if found else next((line.strip() for line in reversed(lines) if line.strip()), "no output")
+        if "bind" in reason.lower() or "address already in use" in reason.lower():
+            reason += (
+                " (another server holds that port: give this one other ports in its config, e.g. "
+                "grpc_inference_port / grpc_management_port for the gRPC APIs on 7070/7071)"
+            )
+        return reason[:500]
+
     def state(self) -> dict:
-        """{'ping': bool, 'ready': bool, 'workers': [...], 'reason': str} from /ping and the management API."""
+        """{'ping': bool, 'ready': bool, 'workers': [...], 'reason': str} from /ping and the management API.
+
+        /ping wants the inference token in TorchServe 0.12, and says Healthy even when the model never
+        loaded: 'ready' (a READY worker of the model) is what counts."""
         state = {"ping": False, "ready": False, "workers": [], "reason": ""}
         try:
-            state["ping"] = requests.get(f"{self.inference_url}/ping", timeout=5).ok
-            response = requests.get(f"{self.management_url}/models/{self.model}", headers=self.headers("management"), timeout=5)
+            management_headers = self.headers("management")
+            state["ping"] = requests.get(f"{self.inference_url}/ping", headers=self.headers("inference"), timeout=5).ok
+            response = requests.get(f"{self.management_url}/models/{self.model}", headers=management_headers, timeout=5)
         except requests.RequestException:
             state["reason"] = f"server not reachable at {self.inference_url}"
             return state
@@ -186,7 +277,11 @@ class Server:
         state["workers"] = workers
         state["batch_size"] = response.json()[0].get("batchSize")
         state["ready"] = any(w.get("status") == "READY" for w in workers)
-        state["reason"] = "" if state["ready"] else f"model {self.model} has no READY worker ({len(workers)} workers)"
+        if not state["ready"]:
+            failure = self.load_failure()
+            state["reason"] = f"model {self.model} has no READY worker ({len(workers)} workers)" + (
+                f": {failure}" if failure else ""
+            )
         return state
 
     def stop(self, timeout: float = 60.0) -> bool:
@@ -194,19 +289,75 @@ class Server:
         pid = self.pid()
         if pid is None:
             return False
-        subprocess.run(["torchserve", "--stop"], env=self._env(), cwd=self.run_dir,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False, timeout=60)
+        workers = _descendants(pid)
+        subprocess.run(
+            ["torchserve", "--stop"],
+            env=self._env(),
+            cwd=self.run_dir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+            timeout=60,
+        )
         deadline = time.monotonic() + timeout
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
+        # Java stops its workers on the way out; wait for them, and kill any it left behind.
+        deadline = time.monotonic() + 15
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.killed_on_stop = [w for w in workers if _alive(w)]
+        for worker in self.killed_on_stop:
+            with contextlib.suppress(OSError):
+                os.kill(worker, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)
         return True
 
     def predict(self, image: Path) -> requests.Response:
         with open(image, "rb") as f:
-            return requests.post(f"{self.inference_url}/predictions/{self.model}", data=f, headers=self.headers(), timeout=60)
+            return requests.post(
+                f"{self.inference_url}/predictions/{self.model}", data=f, headers=self.headers(), timeout=60
+            )
+
+
+def _descendants(pid: int) -> list[int]:
+    """The pids of the processes below pid (TorchServe's Python workers below Java)."""
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nobody listens on right now, on loopback (for test and benchmark servers)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def write_server_config(folder: Path, model_store: Path, **overrides: str) -> Path:
+    """The repository's config.properties with free loopback ports (all five APIs) and the given model store."""
+    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
+    props = read_properties(DEFAULT_CONFIG)
+    props.update(
+        inference_address=f"http://127.0.0.1:{inference}",
+        management_address=f"http://127.0.0.1:{management}",
+        metrics_address=f"http://127.0.0.1:{metrics}",
+        grpc_inference_port=str(grpc_inference),
+        grpc_management_port=str(grpc_management),
+        model_store=str(model_store),
+    )
+    props.update(overrides)  # may replace any of the above (e.g. a port, to test a clash)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.properties"
+    path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+    return path
 
 
 def _alive(pid: int) -> bool:
@@ -237,22 +388,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "start":
             started = time.monotonic()
             server.start(args.timeout)
-            print(f"cifar3 is READY after {time.monotonic() - started:.1f}s\n"
-                  f"  inference:  {server.inference_url}/predictions/{server.model}\n"
-                  f"  management: {server.management_url}/models/{server.model}\n"
-                  f"  metrics:    {server.metrics_url}/metrics\n"
-                  f"  tokens:     {server.key_file}  (send 'Authorization: Bearer <key>')\n"
-                  f"  logs:       {server.log_dir}\n"
-                  f"  try:        curl -H \"Authorization: Bearer $(jq -r .inference.key {server.key_file})\" "
-                  f"{server.inference_url}/predictions/{server.model} -T IMAGE")
+            print(
+                f"cifar3 is READY after {time.monotonic() - started:.1f}s\n"
+                f"  inference:  {server.inference_url}/predictions/{server.model}\n"
+                f"  management: {server.management_url}/models/{server.model}\n"
+                f"  metrics:    {server.metrics_url}/metrics\n"
+                f"  tokens:     {server.key_file}  (send 'Authorization: Bearer <key>')\n"
+                f"  logs:       {server.log_dir}\n"
+                f'  try:        curl -H "Authorization: Bearer $(jq -r .inference.key {server.key_file})" '
+                f"{server.inference_url}/predictions/{server.model} -T IMAGE"
+            )
         elif args.command == "stop":
             print("stopped" if server.stop() else f"no server running from {server.run_dir}")
         elif args.command == "status":
             state = server.state()
             workers = ", ".join(f"{w.get('id')}:{w.get('status')}" for w in state["workers"]) or "none"
-            print(f"ping: {'healthy' if state['ping'] else 'down'}; model {server.model}: "
-                  f"{'READY' if state['ready'] else 'NOT READY'}; workers: {workers}"
-                  + (f"; {state['reason']}" if state["reason"] else ""))
+            print(
+                f"ping: {'healthy' if state['ping'] else 'down'}; model {server.model}: "
+                f"{'READY' if state['ready'] else 'NOT READY'}; workers: {workers}"
+                + (f"; {state['reason']}" if state["reason"] else "")
+            )
             return 0 if state["ready"] else 1
         elif args.command == "predict":
             if not args.image.is_file():
@@ -264,8 +419,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except requests.RequestException as exc:
-        print(f"error: server not reachable at {server.inference_url} ({exc.__class__.__name__}); "
-              "start it with scripts/serve.py start", file=sys.stderr)
+        print(
+            f"error: server not reachable at {server.inference_url} ({exc.__class__.__name__}); "
+            "start it with scripts/serve.py start",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from synthetic import write_cifar_batches, write_image_folder  # noqa: E402
 
-from scripts.serve import Server, read_properties  # noqa: E402
+from scripts.serve import Server, free_ports, write_server_config  # noqa: E402, F401  (re-exported for tests)
 
 PYTHON = sys.executable
 ARTIFACTS = ROOT / "test-artifacts"
@@ -33,35 +32,6 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 600, env: dict | None
         check=False,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def write_server_config(folder: Path, model_store: Path, **overrides: str) -> Path:
-    """The repository's config.properties with free loopback ports and the given model store."""
-    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
-    props = read_properties(ROOT / "config.properties")
-    props.update(
-        inference_address=f"http://127.0.0.1:{inference}",
-        management_address=f"http://127.0.0.1:{management}",
-        metrics_address=f"http://127.0.0.1:{metrics}",
-        grpc_inference_port=str(grpc_inference),
-        grpc_management_port=str(grpc_management),
-        model_store=str(model_store),
-        **overrides,
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.properties"
-    path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -292,3 +292,13 @@ def test_no_constant_is_retyped_outside_its_module():
         text = path.read_text()
         assert "0.4914" not in text and "0.2470" not in text, path
     assert sys.modules.get("training.preprocessing") is not None
+
+
+def test_evaluate_validation_split_reproduces_the_selection_accuracy(tmp_path, tiny_checkpoint):
+    result = run_cli(PYTHON, "-m", "training.evaluate", "--checkpoint", str(tiny_checkpoint), "--validation",
+                     "--report-dir", str(tmp_path))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    _, meta = load_checkpoint(tiny_checkpoint)
+    assert summary["n"] == 18  # 10% of 180, stratified
+    assert summary["accuracy"] == pytest.approx(meta.val_accuracy, abs=1e-4)

@@ -21,7 +21,7 @@ import torch
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
 from training.checkpoint import CheckpointError, ModelMeta, load_checkpoint
-from training.data import DEFAULT_DATA_ROOT, DataError, load_split
+from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, limit_per_class, load_split, stratified_split
 from training.inference import calibrated_probs, predict_logits
 
 
@@ -81,10 +81,27 @@ def evaluate(
     return metrics, probs
 
 
+def validation_split(meta: ModelMeta, data_root: Path) -> Dataset:
+    """The exact validation images the checkpoint was selected on (same data, limit, fraction, seed)."""
+    config = meta.train_config
+    data = limit_per_class(
+        load_split(config["data"], meta.classes, "train", data_root), config["limit"], config["seed"]
+    )
+    _, val = stratified_split(data, config["val_fraction"], config["seed"])
+    val.source = f"{config['data']} (validation split: {config['val_fraction']:.0%}, seed {config['seed']})"
+    return val
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--data", default="cifar10", help="'cifar10', a cifar-10-batches-py folder, or an image folder")
+    p.add_argument(
+        "--validation",
+        action="store_true",
+        help="evaluate the checkpoint's own validation split instead: rebuilt from the data, seed and "
+        "fraction its training recorded (--data is then ignored)",
+    )
     p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT, help="download cache for --data cifar10")
     p.add_argument("--report-dir", type=Path, default=Path("reports/eval"))
     p.add_argument(
@@ -98,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         model, meta = load_checkpoint(args.checkpoint, args.device)
-        data = load_split(args.data, meta.classes, "test", args.data_root)
+        data = (
+            validation_split(meta, args.data_root)
+            if args.validation
+            else load_split(args.data, meta.classes, "test", args.data_root)
+        )
     except (CheckpointError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
