@@ -48,8 +48,11 @@ def request_image_bytes(request: dict, content_type: str = "") -> bytes:
                 raise ImageDecodeError('malformed base64 in the JSON "data" field') from None
         if isinstance(value, list):
             raise ImageDecodeError('JSON body must be an object {"data": "<base64-encoded image>"}, not a list')
-        if isinstance(value, str):  # text/* bodies arrive decoded as UTF-8
-            value = value.encode("utf-8")
+        if isinstance(value, (str, int, float)) and JSON_CONTENT_TYPE in content_type.lower():
+            # valid JSON, but a bare string/number/true/false rather than an object
+            raise ImageDecodeError('JSON body must be an object {"data": "<base64-encoded image>"}')
+        if isinstance(value, str):  # text/* bodies arrive decoded as UTF-8 (lone surrogates kept as they came)
+            value = value.encode("utf-8", "surrogatepass")
         if isinstance(value, (bytes, bytearray)):
             if JSON_CONTENT_TYPE in content_type.lower():
                 raise ImageDecodeError("malformed JSON body: it is not valid JSON")
@@ -108,6 +111,9 @@ class Cifar3Handler(BaseHandler):
                 images.append(decode_image(request_image_bytes(request, self._content_type(idx)), self.max_pixels))
             except ImageDecodeError as exc:
                 errors[idx] = str(exc)
+            except Exception:  # a bug must cost one request, never its whole batch
+                logger.exception("unexpected error decoding request %d", idx)
+                errors[idx] = "the image could not be decoded"
         batch = eval_transform(images, self.meta.image_size, self.meta.mean, self.meta.std) if images else None
         return batch, errors
 

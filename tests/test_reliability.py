@@ -1,0 +1,162 @@
+"""Reliability and security under faults and load: scripts/reliability.py's checks, asserted.
+
+Security checks and a short soak run against the session's ``server``; checks that break or restart
+a server (kill a worker, scale, stop/start, slow request, corrupt .mar) get servers of their own.
+The default run is a reduced version (about 3 minutes on 2 idle cores: 15 s soak, scale 1 -> 2 -> 1,
+one stop/start cycle, two kinds of corrupt .mar). ``CIFAR3_RELIABILITY_FULL=1`` runs the full one
+(60 s soak, scale 1 -> 4 -> 1 both synchronous and not, 3 cycles, every corruption); the script runs
+it all with a 5-minute soak and writes reports/reliability.md.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import write_server_config
+
+from scripts import reliability as rel
+from scripts.serve import Server, read_properties
+
+FULL = os.environ.get("CIFAR3_RELIABILITY_FULL") == "1"
+full_only = pytest.mark.skipif(not FULL, reason="full reliability run: set CIFAR3_RELIABILITY_FULL=1")
+pytestmark = pytest.mark.server
+
+
+def start(folder, model_store) -> Server:
+    """A server of this test's own (conftest's config: free ports, gRPC's included)."""
+    srv = Server(write_server_config(folder, model_store), folder / "run")
+    try:
+        srv.start(timeout=240)
+    except BaseException:
+        srv.stop()
+        raise
+    return srv
+
+
+def assert_passed(rows: list[dict], only: str | None = None) -> None:
+    checked = [r for r in rows if only is None or only in r["check"]]
+    assert checked, f"no result row matching {only!r}"
+    failed = [r for r in checked if not r["passed"]]
+    assert not failed, "\n".join(f"{r['check']}: expected {r['expected']}; measured {r['measured']}" for r in failed)
+
+
+def row(rows: list[dict], text: str) -> dict:
+    return next(r for r in rows if text in r["check"])
+
+
+@pytest.fixture(scope="module")
+def payload() -> bytes:
+    return rel.sample_png()
+
+
+@pytest.fixture(scope="module")
+def own_server(tmp_path_factory, model_store):
+    """A server this module may kill workers of, scale, stop and start."""
+    srv = start(tmp_path_factory.mktemp("reliability-server"), model_store)
+    yield srv
+    srv.stop()
+
+
+# -- security (session server) ------------------------------------------------------------------
+
+
+def test_every_listening_socket_is_on_loopback(server):
+    assert_passed(rel.check_loopback(server))
+
+
+def test_calls_without_or_with_a_wrong_token_are_refused(server, payload):
+    assert_passed(rel.check_tokens(server, payload))
+
+
+def test_key_file_is_readable_by_its_owner_only(server):
+    assert_passed(rel.check_key_file(server))
+
+
+def test_model_registration_and_removal_are_refused(server):
+    assert_passed(rel.check_model_api(server))
+
+
+def test_allowed_urls_admits_no_remote_url(server):
+    assert_passed(rel.check_allowed_urls(server))
+
+
+def test_oversized_upload_is_refused(server):
+    assert_passed(rel.check_request_size(server))
+
+
+def test_a_malformed_request_fails_alone_not_its_batch(server, payload):
+    assert_passed(rel.check_bad_request_in_batch(server, payload, rounds=3))
+
+
+# -- load (session server) ------------------------------------------------------------------------
+
+
+def test_soak_at_80_percent_of_saturation(server, payload):
+    seconds = 60.0 if FULL else 15.0
+    rows = rel.check_soak(server, payload, seconds=seconds, saturation_seconds=8.0 if FULL else 5.0,
+                          low_seconds=10.0 if FULL else 5.0)  # fmt: skip
+    assert_passed(rows, "saturation")
+    assert_passed(rows, "open loop at")  # the soak itself: 0 errors
+    assert_passed(rows, "memory growth")
+    # "p99 <= 2x its low-load value" is measured and reported (the row is in ``rows``; the script's
+    # table shows it) but not asserted: at 80 % of saturation TorchServe runs full batches (16 images,
+    # about 1 s on 2 shared cores), so the p99 is the length of a batch, not a sign of a defect.
+
+
+# -- faults (servers of their own) --------------------------------------------------------------
+
+
+def test_killing_a_worker_under_load_fails_only_its_requests(own_server, payload):
+    rows = rel.check_kill_worker(own_server, payload, before=2.0, after=3.0)
+    assert_passed(rows)
+
+
+def test_scaling_up_and_down_under_load(own_server, payload):
+    up = 4 if FULL else 2
+    rows = rel.check_scale(own_server, payload, up=up, synchronous=True, settle=2.0)
+    assert_passed(rows, f"-> {up} workers under load")  # scale up: 0 failed requests, all READY
+    assert_passed(rows, "clients retrying")  # scale down: retrying clients lose nothing
+    # Plain clients may lose requests on scale-down (TorchServe 0.12 drops the job a stopping worker
+    # has just taken): they must end in an HTTP error or a timeout, and nothing fails afterwards.
+    down = row(rows, "plain clients")
+    assert all(status == 0 or status >= 500 for status in down["failure_statuses"]), down["failures"]
+    assert "later: 0 of" in down["measured"], down["measured"]
+
+
+@full_only
+def test_scaling_asynchronously_does_not_stall_clients(own_server, payload):
+    rows = rel.check_scale(own_server, payload, up=4, synchronous=False, settle=2.0)
+    assert_passed(rows, "longest client wait")
+    assert_passed(rows, "clients retrying")
+
+
+def test_stop_start_cycles_restore_no_state_and_leave_no_process(own_server, payload):
+    assert_passed(rel.check_stop_start(own_server, payload, cycles=3 if FULL else 1))
+
+
+def test_request_slower_than_the_response_timeout(tmp_path, model_store, payload):
+    store = rel.build_slow_mar(model_store / "cifar3.mar", tmp_path / "store").parent
+    srv = start(tmp_path / "server", store)
+    try:
+        assert_passed(rel.check_slow_request(srv, payload))
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "bad-checkpoint", pytest.param("garbage", marks=full_only)])
+def test_corrupt_mar_fails_start_quickly_and_status_says_why(tmp_path, model_store, kind):
+    rows = rel.check_corrupt_mar(tmp_path, model_store / "cifar3.mar", kind, make_config=write_server_config)
+    assert_passed(rows)
+
+
+def test_start_failure_names_the_port_in_use(tmp_path, model_store, server):
+    """A second server given the session server's gRPC ports exits at once; start() says why."""
+    taken = {k: v for k, v in read_properties(server.config).items() if k.startswith("grpc_") and k.endswith("_port")}
+    assert taken, "the session server's config names its gRPC ports"
+    srv = Server(write_server_config(tmp_path, model_store, **taken), tmp_path / "run")
+    try:
+        with pytest.raises(rel.ServerError, match="(?i)bind|address already in use"):
+            srv.start(timeout=120)
+    finally:
+        srv.stop()
