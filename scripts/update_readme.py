@@ -56,11 +56,20 @@ def eval_section(reports: Path) -> list[str]:
 
 
 def benchmark_section(reports: Path) -> list[str]:
-    bench = _load(reports / "benchmark.json")
-    if not bench:
+    paths = [reports / "benchmark.json", *sorted(reports.glob("benchmark-*/benchmark.json"))]
+    benches = [bench for bench in map(_load, paths) if bench]
+    if not benches:
         return ["No benchmark report yet (reports/benchmark.json)."]
+    lines = []
+    for path, bench in zip(paths, benches):
+        lines += [f"#### `{path.relative_to(reports.parent)}`", "", *one_benchmark(bench), ""]
+    return lines[:-1]
+
+
+def one_benchmark(bench: dict) -> list[str]:
     ip = bench["in_process"]
     lines = [
+        f"Model `{ip['variant']}` from `{Path(bench['checkpoint']).name}`. "
         f"Machine: {bench['machine']['cpu']}, {bench['machine']['cores']} cores, {bench['date']}. "
         f"In-process limit: **{ip['batched_images_per_s']} img/s** (batch {ip['best_batch']}), batch-1 forward "
         f"{ip['batch1_forward_p50_ms']} ms.",

@@ -175,7 +175,7 @@ def test_describe_shows_the_model_metadata(server, tiny_checkpoint):
     _, meta = load_checkpoint(tiny_checkpoint)
     assert custom["classes"] == CLASSES and custom["val_accuracy"] == meta.val_accuracy
     assert custom["variant"] == meta.variant and custom["trained"] == meta.created
-    assert described["batchSize"] == 16 and described["maxBatchDelay"] == 5
+    assert described["batchSize"] == 16 and described["maxBatchDelay"] == 2
 
 
 def workers(server) -> list[dict]:

@@ -56,6 +56,9 @@ class ClientError(Exception):
 # ---------------------------------------------------------------- configuration
 
 
+TRANSIENT_STATUSES = (500, 503, 507)
+
+
 def normalize_url(url: str) -> str:
     """``host:port`` or ``http://host:port/`` -> ``http://host:port``."""
     url = url.strip().rstrip("/")
@@ -414,14 +417,19 @@ class Cifar3Client:
 
     def predict(self, data: bytes, name: str = "image") -> Prediction:
         """The model's answer for one image's bytes, or ClientError saying why there is none."""
-        response = self._request(
-            "POST",
-            f"{self.config.inference_url}/predictions/{self.config.model}",
-            "inference",
-            self.config.timeout,
-            data=data,
-            headers={"Content-Type": "application/octet-stream"},
-        )
+        for _attempt in range(2):
+            response = self._request(
+                "POST",
+                f"{self.config.inference_url}/predictions/{self.config.model}",
+                "inference",
+                self.config.timeout,
+                data=data,
+                headers={"Content-Type": "application/octet-stream"},
+            )
+            # A worker that died or was stopped under the request (killed, scaled down, restarted after a
+            # timeout) answers 500/503/507; a prediction is idempotent, so one retry hides it from the user.
+            if response.status_code not in TRANSIENT_STATUSES:
+                break
         status = response.status_code
         if status == 200:
             try:
