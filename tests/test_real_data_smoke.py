@@ -39,7 +39,8 @@ def test_pipeline_on_real_images(tmp_path):
                 assert response.status_code == 200, response.text
                 body = response.json()
                 assert body["pred_class"] in CLASSES and sum(body["probs"].values()) == pytest.approx(1, abs=1e-5)
-        assert requests.get(f"{server.inference_url}/ping", timeout=10).json()["status"] == "Healthy"
+        ping = requests.get(f"{server.inference_url}/ping", headers=server.headers(), timeout=10)
+        assert ping.json()["status"] == "Healthy"
     finally:
         server.stop()
     assert server.pid() is None
