@@ -104,7 +104,7 @@ done_step
 token=$("$py" -c 'import json; print(json.load(open("run/key_file.json"))["inference"]["key"])')
 cat <<EOF
 
-cifar3 is up (total ${SECONDS}s, this run $((SECONDS - total_started))s).
+cifar3 is up (this run took $((SECONDS - total_started))s).
   UI:          http://127.0.0.1:$ui_port
   inference:   http://127.0.0.1:8080/predictions/cifar3
   management:  http://127.0.0.1:8081/models/cifar3   (token: run/key_file.json "management")

@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"  metrics:    {server.metrics_url}/metrics\n"
                 f"  tokens:     {server.key_file}  (send 'Authorization: Bearer <key>')\n"
                 f"  logs:       {server.log_dir}\n"
-                f'  try:        curl -H "Authorization: Bearer $(jq -r .inference.key {server.key_file})" '
+                f'  try:        curl -H "Authorization: Bearer {server.token()}" '
                 f"{server.inference_url}/predictions/{server.model} -T IMAGE"
             )
         elif args.command == "stop":

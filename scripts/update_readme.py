@@ -27,12 +27,13 @@ def training_section(reports: Path) -> list[str]:
     if not runs:
         return ["No training run recorded yet (reports/training/)."]
     lines = [
-        "| preset | variant | epochs | validation accuracy | wall time | machine |",
-        "|---|---|---:|---:|---:|---|",
+        "| preset | variant | epochs | validation accuracy | wall time | machine | run |",
+        "|---|---|---:|---:|---:|---|---|",
     ]
     for run in runs:
         lines.append(f"| {run['preset']} | {run['variant']} | {run.get('epochs', '')} | {run['val_accuracy']:.2%} "
-                     f"| {run['wall_time_s'] / 60:.1f} min | {run.get('machine', '')} |")  # fmt: skip
+                     f"| {run['wall_time_s'] / 60:.1f} min | {run.get('machine', '')} "
+                     f"| {run.get('note', '')} |")  # fmt: skip
     return lines
 
 
