@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from training.checkpoint import ModelMeta, save_checkpoint
+from training.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
 from training.classes import DEFAULT_CLASSES, parse_classes
 from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, limit_per_class, load_split, stratified_split
 from training.inference import fit_temperature, predict_logits
@@ -342,8 +342,6 @@ def train(args: argparse.Namespace) -> dict:
         )
 
     # Calibrate the best epoch's model on the validation split; the handler divides logits by T.
-    from training.checkpoint import load_checkpoint
-
     best_model, meta = load_checkpoint(args.out, device)
     _, _, val_logits = evaluate_split(best_model, val_set, mean, std, 0.0)
     meta.temperature = round(fit_temperature(val_logits, val_set.labels), 5)
