@@ -5,9 +5,11 @@
 1. In-process (this process, same torch threads as a worker): forward-only images/s at several
    batch sizes (the machine's limit for this model) and batch-1 latency, forward-only and with
    decode + preprocessing (what one request costs the handler).
+   Also the batched rates at the workers' own torch thread count (model-config.yaml).
 2. Served: archives the checkpoint, starts a real TorchServe on free loopback ports with the
    repository's config.properties and model-config.yaml, and drives it with closed-loop clients at
-   concurrency 1, 4 and 16: images/s, p50/p90/p99 latency, errors.
+   concurrency 1, 4 and 16 (scripts/loadgen.py, one thread): images/s, p50/p90/p99 latency, errors,
+   and how many cores the frontend, the workers and the load generator kept busy.
 
 Writes reports/benchmark.json and reports/benchmark.md (the README quotes them). The in-process
 and served phases never overlap, so they do not compete for the cores.
@@ -16,7 +18,7 @@ and served phases never overlap, so they do not compete for the cores.
 from __future__ import annotations
 
 import argparse
-import http.client
+import contextlib
 import json
 import os
 import platform
@@ -24,12 +26,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit
 
+import psutil
 import requests
 import torch
 import yaml
@@ -37,17 +38,13 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts.loadgen import run_load  # noqa: E402
 from scripts.serve import Server, write_server_config  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
 from training.preprocessing import decode_image, eval_transform  # noqa: E402
 
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "cifar3" / "train"
 TARGETS = {"served_vs_inprocess_c16": 0.85, "p99_c16_ms": 250.0, "p50_c1_vs_batch1": 1.3}
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def load_image_bytes(folder: Path, count: int) -> list[bytes]:
@@ -90,8 +87,7 @@ def time_it(fn, repeats: int) -> list[float]:
 
 
 @torch.inference_mode()
-def in_process(checkpoint: Path, images: list[bytes], threads: int, seconds: float) -> dict:
-    torch.set_num_threads(threads)
+def in_process(checkpoint: Path, images: list[bytes], threads: int, worker_threads: int, seconds: float) -> dict:
     model, meta = load_checkpoint(checkpoint)
     model = model.to(memory_format=torch.channels_last)
 
@@ -99,12 +95,19 @@ def in_process(checkpoint: Path, images: list[bytes], threads: int, seconds: flo
         pil = [decode_image(images[i % len(images)]) for i in range(n)]
         return eval_transform(pil, meta.image_size, meta.mean, meta.std).contiguous(memory_format=torch.channels_last)
 
-    rates = {}
-    for batch_size in (1, 8, 16, 32, 64):
-        batch = batch_of(batch_size)
-        repeats = max(5, int(seconds / max(1e-3, statistics.median(time_it(lambda b=batch: model(b), 3)))))
-        samples = time_it(lambda b=batch: model(b), min(repeats, 400))
-        rates[batch_size] = batch_size / statistics.median(samples)
+    def rates_by_batch(batch_sizes: tuple[int, ...]) -> dict[int, float]:
+        rates = {}
+        for batch_size in batch_sizes:
+            batch = batch_of(batch_size)
+            repeats = max(5, int(seconds / max(1e-3, statistics.median(time_it(lambda b=batch: model(b), 3)))))
+            samples = time_it(lambda b=batch: model(b), min(repeats, 400))
+            rates[batch_size] = batch_size / statistics.median(samples)
+        return rates
+
+    torch.set_num_threads(worker_threads)
+    per_worker = rates_by_batch((1, 8))
+    torch.set_num_threads(threads)
+    rates = rates_by_batch((1, 8, 16, 32, 64))
     one = batch_of(1)
     forward_ms = [s * 1000 for s in time_it(lambda: model(one), 200)]
     full_ms = [s * 1000 for s in time_it(lambda: model(batch_of(1)), 200)]
@@ -117,63 +120,51 @@ def in_process(checkpoint: Path, images: list[bytes], threads: int, seconds: flo
         "batched_images_per_s": round(rates[best], 1),
         "batch1_forward_p50_ms": round(statistics.median(forward_ms), 2),
         "batch1_with_preprocessing_p50_ms": round(statistics.median(full_ms), 2),
+        "worker_threads": worker_threads,
+        "images_per_s_by_batch_worker_threads": {str(k): round(v, 1) for k, v in per_worker.items()},
     }
 
 
+def process_cpu(processes: list[psutil.Process]) -> dict[int, float]:
+    """CPU seconds (user + system) each live process has used so far."""
+    used = {}
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            used[process.pid] = times.user + times.system
+    return used
+
+
 def load(server: Server, images: list[bytes], concurrency: int, seconds: float) -> dict:
-    """Closed loop: each client sends its next request when the previous one is answered.
-
-    Clients use http.client keep-alive connections: the load generator shares the 2 cores with the
-    server, so it must cost as little CPU per request as possible (requests costs several times more).
-    """
-    url = urlsplit(f"{server.inference_url}/predictions/{server.model}")
+    """Closed loop at ``concurrency`` (scripts/loadgen.py), and where the machine's CPU went meanwhile."""
+    url = f"{server.inference_url}/predictions/{server.model}"
     headers = server.headers() | {"Content-Type": "application/octet-stream"}
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    lock = threading.Lock()
-    stop_at = time.perf_counter() + seconds
+    run_load(url, images, headers, concurrency=concurrency, seconds=2.0)  # warm-up: workers and the JIT
+    frontend = psutil.Process(server.pid())
+    workers = frontend.children(recursive=True)
+    before, client_before = process_cpu([frontend, *workers]), time.process_time()
+    result = run_load(url, images, headers, concurrency=concurrency, seconds=seconds)
+    after, client = process_cpu([frontend, *workers]), time.process_time() - client_before
+    summary = result.summary()
 
-    def client(offset: int) -> None:
-        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-        i = offset
-        while time.perf_counter() < stop_at:
-            start = time.perf_counter()
-            try:
-                connection.request("POST", url.path, body=images[i % len(images)], headers=headers)
-                response = connection.getresponse()
-                response.read()
-                outcome = None if response.status == 200 else f"HTTP {response.status}"
-            except (OSError, http.client.HTTPException) as exc:
-                outcome = exc.__class__.__name__
-                connection.close()
-                connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-            elapsed = time.perf_counter() - start
-            with lock:
-                if outcome:
-                    errors[outcome] = errors.get(outcome, 0) + 1
-                else:
-                    latencies.append(elapsed * 1000)
-            i += concurrency
-        connection.close()
+    def cores(pids: list[int]) -> float:
+        return round(sum(after[p] - before[p] for p in pids if p in after and p in before) / result.seconds, 2)
 
-    for _ in range(2):  # warm-up: the worker's first batches
-        requests.post(url.geturl(), data=images[0], headers=headers, timeout=30)
-    started = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
     return {
         "concurrency": concurrency,
-        "requests": len(latencies) + sum(errors.values()),
-        "errors": sum(errors.values()),
-        "error_kinds": errors,
-        "images_per_s": round(len(latencies) / wall, 1),
-        "p50_ms": round(percentile(latencies, 50), 1),
-        "p90_ms": round(percentile(latencies, 90), 1),
-        "p99_ms": round(percentile(latencies, 99), 1),
+        "requests": summary["requests"],
+        "errors": summary["errors"],
+        "error_kinds": summary["error_statuses"],
+        "images_per_s": summary["rps"],
+        "p50_ms": summary["p50_ms"],
+        "p90_ms": summary["p90_ms"],
+        "p99_ms": summary["p99_ms"],
+        # cores busy on average: the Java frontend, all workers together, this load generator
+        "cpu_cores": {
+            "frontend": cores([frontend.pid]),
+            "workers": cores([w.pid for w in workers]),
+            "client": round(client / result.seconds, 2),
+        },
     }
 
 
@@ -200,13 +191,20 @@ def markdown(report: dict) -> str:
         f"Batch-1 latency p50: {ip['batch1_forward_p50_ms']} ms forward only, "
         f"{ip['batch1_with_preprocessing_p50_ms']} ms with decode + preprocessing.",
         "",
+        f"With {ip['worker_threads']} torch thread(s), as each served worker runs: "
+        + ", ".join(f"batch {b}: {r} images/s" for b, r in ip["images_per_s_by_batch_worker_threads"].items())
+        + ".",
+        "",
         "## Served by TorchServe over HTTP (closed-loop clients, same machine)",
         "",
-        "| concurrency | images/s | p50 ms | p90 ms | p99 ms | errors |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "Cores: how many of the machine's cores each part kept busy on average (frontend = TorchServe's Java",
+        "process, workers = all Python workers together, client = the load generator).",
+        "",
+        "| concurrency | images/s | p50 ms | p90 ms | p99 ms | errors | cores: frontend / workers / client |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
         *[
             f"| {r['concurrency']} | {r['images_per_s']} | {r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} "
-            f"| {r['errors']} |"
+            f"| {r['errors']} | {' / '.join(str(r['cpu_cores'][k]) for k in ('frontend', 'workers', 'client'))} |"
             for r in report["served"]
         ],  # fmt: skip
         "",
@@ -228,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="image folder to sample requests from")
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of each served load level")
     parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--in-process-seconds", type=float, default=3.0, help="timing per in-process batch size")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in-process")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "reports")
     parser.add_argument(
@@ -246,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     images = load_image_bytes(args.images, 256)
+    model_config = yaml.safe_load(args.model_config.read_text()) or {}
+    worker_threads = int((model_config.get("handler") or {}).get("torch_threads") or args.threads)
     print(f"in-process: {args.checkpoint} on {len(images)} images ...", flush=True)
-    inproc = in_process(args.checkpoint, images, args.threads, seconds=3.0)
+    inproc = in_process(args.checkpoint, images, args.threads, worker_threads, seconds=args.in_process_seconds)
     print(json.dumps(inproc), flush=True)
 
     with tempfile.TemporaryDirectory(prefix="cifar3-bench-") as tmp:
@@ -261,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             described = requests.get(f"{server.management_url}/models/{server.model}",
                                      headers=server.headers("management"), timeout=30).json()[0]  # fmt: skip
             settings = {k: described.get(k) for k in ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers")}
-            settings["torch_threads"] = (yaml.safe_load(args.model_config.read_text()).get("handler") or {}).get(
-                "torch_threads"
-            )
+            settings["torch_threads"] = worker_threads
             served = []
             for concurrency in (int(c) for c in args.concurrency.split(",")):
                 served.append(load(server, images, concurrency, args.seconds))

@@ -75,12 +75,17 @@ def one_benchmark(bench: dict) -> list[str]:
         f"In-process limit: **{ip['batched_images_per_s']} img/s** (batch {ip['best_batch']}), batch-1 forward "
         f"{ip['batch1_forward_p50_ms']} ms.",
         "",
-        "| concurrency | images/s | p50 ms | p90 ms | p99 ms | errors |",
-        "|---:|---:|---:|---:|---:|---:|",
+        f"With {ip.get('worker_threads', ip['threads'])} torch thread(s), as each worker runs: "
+        + ", ".join(f"batch {b}: {r} img/s" for b, r in ip.get("images_per_s_by_batch_worker_threads", {}).items())
+        + f". Server: {bench['server_settings']}.",
+        "",
+        "| concurrency | images/s | p50 ms | p90 ms | p99 ms | errors | cores busy: frontend / workers / client |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in bench["served"]:
+        cores = " / ".join(str(r.get("cpu_cores", {}).get(k, "?")) for k in ("frontend", "workers", "client"))
         lines.append(f"| {r['concurrency']} | {r['images_per_s']} | {r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} "
-                     f"| {r['errors']} |")  # fmt: skip
+                     f"| {r['errors']} | {cores} |")  # fmt: skip
     lines += ["", "| target | wanted | measured | met |", "|---|---|---|---|"]
     for c in bench["checks"]:
         lines.append(f"| {c['check']} | {c['target']} | {c['measured']} | {'yes' if c['met'] else 'no'} |")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -19,6 +20,8 @@ from scripts.serve import Server, free_ports, write_server_config  # noqa: E402,
 
 PYTHON = sys.executable
 ARTIFACTS = ROOT / "test-artifacts"
+# The per-model settings every archive in the tests carries (scripts/archive.sh packs this file).
+MODEL_CONFIG = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
 
 
 def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

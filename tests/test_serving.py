@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import torch
-from conftest import PYTHON, ROOT, run_cli
+from conftest import MODEL_CONFIG, PYTHON, ROOT, run_cli
 from synthetic import encode, sample_image
 from test_handler import png_with_declared_size
 
@@ -175,7 +175,8 @@ def test_describe_shows_the_model_metadata(server, tiny_checkpoint):
     _, meta = load_checkpoint(tiny_checkpoint)
     assert custom["classes"] == CLASSES and custom["val_accuracy"] == meta.val_accuracy
     assert custom["variant"] == meta.variant and custom["trained"] == meta.created
-    assert described["batchSize"] == 16 and described["maxBatchDelay"] == 2
+    for setting in ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers"):  # model-config.yaml took effect
+        assert described[setting] == MODEL_CONFIG[setting], setting
 
 
 def workers(server) -> list[dict]:
@@ -191,17 +192,22 @@ def scale(server, count: int) -> None:
 
 
 def test_scale_workers_up_and_down(server):
+    configured = MODEL_CONFIG["minWorkers"]
+    assert len(workers(server)) == configured
     try:
-        scale(server, 2)
-        assert len(workers(server)) == 2
+        scale(server, configured + 1)
+        assert len(workers(server)) == configured + 1
         deadline = time.monotonic() + 60
         while not all(w["status"] == "READY" for w in workers(server)) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert [w["status"] for w in workers(server)] == ["READY", "READY"]
+        assert [w["status"] for w in workers(server)] == ["READY"] * (configured + 1)
+        assert post(server, encode(sample_image()), OCTET).status_code == 200
+        scale(server, 1)
+        assert len(workers(server)) == 1
         assert post(server, encode(sample_image()), OCTET).status_code == 200
     finally:
-        scale(server, 1)
-    assert len(workers(server)) == 1
+        scale(server, configured)
+    assert len(workers(server)) == configured
 
 
 def test_metrics_endpoint_is_prometheus(server):

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 import requests
-from conftest import ROOT
+from conftest import MODEL_CONFIG, ROOT
 from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
 from synthetic import encode, sample_image
@@ -82,7 +82,8 @@ def test_sidebar_shows_a_ready_server_and_its_model(app, server):
     assert not app.exception and not app.error, [e.value for e in app.error]
     sidebar = " ".join(m.value for m in app.sidebar.markdown)
     assert "Inference API reachable" in sidebar and "Model `cifar3` READY" in sidebar
-    assert "Workers: 1 READY of 1" in sidebar and "batch size: " in sidebar
+    workers = MODEL_CONFIG["minWorkers"]
+    assert f"Workers: {workers} READY of {workers}" in sidebar and f"batch size: {MODEL_CONFIG['batchSize']}" in sidebar
     assert "Classes: airplane, automobile, ship" in sidebar and "Validation accuracy: " in sidebar
     assert app.file_uploader(key="images").allowed_type == [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"]
     assert app.file_uploader(key="images").accept_multiple_files

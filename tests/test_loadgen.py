@@ -1,0 +1,128 @@
+"""scripts/loadgen.py (the benchmark's and the soak's load) and a quick run of scripts/benchmark.py.
+
+The answer parser is checked on hand-made byte streams; the load itself against the session's real
+TorchServe and against a port where nothing listens.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import pytest
+from conftest import MODEL_CONFIG, PYTHON, ROOT, free_ports, run_cli
+from PIL import Image
+
+from scripts.loadgen import NO_ANSWER, _Connection, build_requests, percentile, run_load
+
+OCTET = {"Content-Type": "application/octet-stream"}
+
+
+def png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_noise((32, 32), 20 + seed).convert("RGB").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bodies() -> list[bytes]:
+    return [png(i) for i in range(8)]
+
+
+def target(server) -> tuple[str, dict[str, str]]:
+    return f"{server.inference_url}/predictions/cifar3", server.headers() | OCTET
+
+
+# -- parsing (no server) --------------------------------------------------------------------------
+
+
+def test_an_answer_is_complete_only_when_its_body_is_in():
+    conn = _Connection(("127.0.0.1", 1), timeout=1)
+    conn.buffer = b"HTTP/1.1 200 \r\nContent-Length: 5\r\n\r\nab"
+    assert conn.answer() is None
+    conn.buffer += b"cde" + b"HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\nConnection: close\r\n\r\n{}"
+    assert conn.answer() == (200, False)  # the first answer, and only it, leaves the buffer
+    assert conn.answer() == (400, True)
+    assert conn.buffer == b"" and conn.answer() is None
+
+
+def test_requests_are_built_once_with_length_and_headers():
+    [request] = build_requests("http://127.0.0.1:8080/predictions/cifar3", [b"\x00\x01"], {"Authorization": "Bearer k"})
+    head, body = request.split(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST /predictions/cifar3 HTTP/1.1" and body == b"\x00\x01"
+    assert {"Host: 127.0.0.1:8080", "Content-Length: 2", "Authorization: Bearer k"} <= set(lines[1:])
+
+
+def test_percentile_is_nearest_rank():
+    assert percentile(list(range(1, 101)), 99) == 99 and percentile([3.0], 50) == 3.0
+    assert percentile([], 50) != percentile([], 50)  # nan
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="concurrency"):
+        run_load("http://127.0.0.1:1/x", [b"x"], {}, concurrency=0, seconds=1)
+    with pytest.raises(ValueError, match="rate"):
+        run_load("http://127.0.0.1:1/x", [b"x"], {}, concurrency=1, seconds=1, rate=0)
+
+
+# -- against a real TorchServe ----------------------------------------------------------------------
+
+
+def test_closed_loop_keeps_every_connection_busy_and_counts_every_answer(server, bodies):
+    url, headers = target(server)
+    result = run_load(url, bodies, headers, concurrency=4, seconds=2.0)
+    summary = result.summary()
+    assert summary["errors"] == 0 and summary["ok"] == summary["requests"] >= 8, summary
+    assert summary["p50_ms"] <= summary["p90_ms"] <= summary["p99_ms"] and summary["rps"] > 0
+    assert all(s.status == 200 and s.end >= s.due for s in result.samples)
+    assert 1.5 < result.seconds < 2.0 + 30  # the last answers come in after the 2 s of sending
+
+
+def test_open_loop_sends_at_the_rate_whatever_the_answers(server, bodies):
+    url, headers = target(server)
+    result = run_load(url, bodies, headers, concurrency=4, seconds=2.0, rate=15)
+    dues = sorted(s.due for s in result.samples)
+    assert len(dues) == 30 and result.summary()["errors"] == 0
+    gaps = [b - a for a, b in zip(dues, dues[1:], strict=False)]
+    assert all(abs(g - 1 / 15) < 1e-6 for g in gaps)  # due times are the schedule, not the send times
+
+
+def test_error_answers_are_counted_and_good_requests_beside_them_succeed(server, bodies):
+    url, headers = target(server)
+    result = run_load(url, [b"not an image", *bodies[:3]], headers, concurrency=2, seconds=1.5)
+    statuses = {s.status for s in result.samples}
+    summary = result.summary()
+    assert statuses == {200, 400}, summary  # a 400 closes its connection; the next request reconnects
+    assert summary["error_statuses"].get("400", 0) >= 1 and summary["ok"] >= 3
+
+
+def test_a_port_with_no_server_gives_no_answer_samples_and_ends_on_time():
+    (port,) = free_ports(1)
+    started = time.monotonic()
+    result = run_load(f"http://127.0.0.1:{port}/x", [b"x"], {}, concurrency=2, seconds=0.6)
+    assert time.monotonic() - started < 5
+    assert result.samples and {s.status for s in result.samples} == {NO_ANSWER}
+    assert result.summary()["ok"] == 0
+
+
+# -- the benchmark script ---------------------------------------------------------------------------
+
+
+def test_benchmark_quick_run_writes_its_report(tiny_checkpoint, tmp_path):
+    out = tmp_path / "reports"
+    done = run_cli(PYTHON, str(ROOT / "scripts" / "benchmark.py"), "--checkpoint", str(tiny_checkpoint),
+                   "--seconds", "1", "--concurrency", "1,4", "--in-process-seconds", "0.05",
+                   "--images", str(tmp_path / "no-images"), "--out-dir", str(out), timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((out / "benchmark.json").read_text())
+    assert [r["concurrency"] for r in report["served"]] == [1, 4]
+    for level in report["served"]:
+        assert level["errors"] == 0 and level["images_per_s"] > 0, level
+        assert level["cpu_cores"]["workers"] > 0 and level["cpu_cores"]["frontend"] >= 0
+    assert report["in_process"]["batched_images_per_s"] > 0
+    assert report["server_settings"]["batchSize"] == MODEL_CONFIG["batchSize"]
+    assert report["in_process"]["worker_threads"] == MODEL_CONFIG["handler"]["torch_threads"]
+    markdown = (out / "benchmark.md").read_text()
+    assert "| 4 |" in markdown and "cores: frontend / workers / client" in markdown
