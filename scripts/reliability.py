@@ -358,18 +358,20 @@ def check_kill_worker(
 ) -> list[Result]:
     """SIGKILL one worker while clients send load: only requests in flight on it fail, a new worker
     is READY within ``recover_within`` seconds, /ping stays healthy, every later request succeeds."""
-    victim = next(w for w in workers(server) if w.get("status") == "READY")
+    before_kill = workers(server)
+    victim = next(w for w in before_kill if w.get("status") == "READY")
     victim_pid = int(victim["pid"])
+    old_pids = {int(w.get("pid") or 0) for w in before_kill}
     pings: list[int] = []
     with Load(server, payload, concurrency=concurrency, max_seconds=before + recover_within + after + 60) as load:
         time.sleep(before)
         killed_at = time.monotonic()
         os.kill(victim_pid, signal.SIGKILL)
 
-        def replaced() -> bool:
+        def replaced() -> bool:  # a READY worker that was not there before the kill (not a surviving one)
             pings.append(ping(server))
             return any(
-                w.get("status") == "READY" and int(w.get("pid") or 0) not in (0, victim_pid) for w in workers(server)
+                w.get("status") == "READY" and int(w.get("pid") or 0) not in (0, *old_pids) for w in workers(server)
             )
 
         recovery = wait_for(replaced, recover_within + 20, interval=0.25)
