@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -125,6 +126,40 @@ def in_process(checkpoint: Path, images: list[bytes], threads: int, worker_threa
     }
 
 
+def _forward_loop(checkpoint: Path, threads: int, batch_size: int, seconds: float, barrier, results) -> None:
+    """One process: forward passes at ``batch_size`` for ``seconds`` once every process is ready."""
+    torch.set_num_threads(threads)
+    model, meta = load_checkpoint(checkpoint)
+    model = model.to(memory_format=torch.channels_last)
+    batch = torch.randn(batch_size, 3, meta.image_size, meta.image_size).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(batch)
+        barrier.wait()
+        started, images = time.perf_counter(), 0
+        while time.perf_counter() - started < seconds:
+            model(batch)
+            images += batch_size
+    results.put(images / (time.perf_counter() - started))
+
+
+def side_by_side(checkpoint: Path, processes: int, threads: int, batch_size: int, seconds: float) -> dict:
+    """The served layout's compute-only rate: ``processes`` forward loops at once, no server.
+
+    About what the workers could do if the frontend, the IPC and preprocessing cost nothing and every
+    batch were full: how much of the in-process limit this worker layout can reach at best."""
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(processes), context.Queue()
+    jobs = [context.Process(target=_forward_loop, args=(checkpoint, threads, batch_size, seconds, barrier, results))
+            for _ in range(processes)]  # fmt: skip
+    for job in jobs:
+        job.start()
+    rates = [results.get(timeout=300) for _ in jobs]
+    for job in jobs:
+        job.join()
+    return {"processes": processes, "threads": threads, "batch": batch_size, "images_per_s": round(sum(rates), 1)}
+
+
 def process_cpu(processes: list[psutil.Process]) -> dict[int, float]:
     """CPU seconds (user + system) each live process has used so far."""
     used = {}
@@ -176,6 +211,7 @@ def machine() -> dict:
 
 def markdown(report: dict) -> str:
     ip, checks = report["in_process"], report["checks"]
+    side = ip["side_by_side"]
     lines = [
         f"# cifar3 benchmark ({report['date']})",
         "",
@@ -194,6 +230,10 @@ def markdown(report: dict) -> str:
         f"With {ip['worker_threads']} torch thread(s), as each served worker runs: "
         + ", ".join(f"batch {b}: {r} images/s" for b, r in ip["images_per_s_by_batch_worker_threads"].items())
         + ".",
+        "",
+        f"The served layout, compute only: {side['processes']} process(es) x {side['threads']} thread(s) at batch "
+        f"{side['batch']}, side by side with no server: {side['images_per_s']} images/s "
+        f"({side['images_per_s'] / ip['batched_images_per_s']:.2f} of the in-process limit).",
         "",
         "## Served by TorchServe over HTTP (closed-loop clients, same machine)",
         "",
@@ -249,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     worker_threads = int((model_config.get("handler") or {}).get("torch_threads") or args.threads)
     print(f"in-process: {args.checkpoint} on {len(images)} images ...", flush=True)
     inproc = in_process(args.checkpoint, images, args.threads, worker_threads, seconds=args.in_process_seconds)
+    workers, batch_size = int(model_config.get("minWorkers", 1)), int(model_config.get("batchSize", 1))
+    inproc["side_by_side"] = side_by_side(
+        args.checkpoint, workers, worker_threads, batch_size, seconds=max(1.0, 2 * args.in_process_seconds)
+    )
     print(json.dumps(inproc), flush=True)
 
     with tempfile.TemporaryDirectory(prefix="cifar3-bench-") as tmp:

@@ -77,7 +77,13 @@ def one_benchmark(bench: dict) -> list[str]:
         "",
         f"With {ip.get('worker_threads', ip['threads'])} torch thread(s), as each worker runs: "
         + ", ".join(f"batch {b}: {r} img/s" for b, r in ip.get("images_per_s_by_batch_worker_threads", {}).items())
-        + f". Server: {bench['server_settings']}.",
+        + f". Server: {bench['server_settings']}."
+        + (
+            f" This layout, compute only ({side['processes']} x {side['threads']} thread(s) at batch {side['batch']}"
+            f" side by side, no server): {side['images_per_s']} img/s."
+            if (side := ip.get("side_by_side"))
+            else ""
+        ),
         "",
         "| concurrency | images/s | p50 ms | p90 ms | p99 ms | errors | cores busy: frontend / workers / client |",
         "|---:|---:|---:|---:|---:|---:|---:|",
