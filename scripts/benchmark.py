@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scripts.loadgen import run_load  # noqa: E402
-from scripts.serve import Server, write_server_config  # noqa: E402
+from scripts.serve import Server, start_server  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
 from training.preprocessing import decode_image, eval_transform  # noqa: E402
 
@@ -300,8 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["bash", str(ROOT / "scripts" / "archive.sh"), str(args.checkpoint)], check=True,
                        env={**os.environ, "MODEL_STORE": str(store), "MODEL_CONFIG": str(args.model_config)},
                        stdout=subprocess.DEVNULL)  # fmt: skip
-        server = Server(write_server_config(Path(tmp), store), Path(tmp) / "run")
-        server.start(timeout=300)
+        server = start_server(Path(tmp), store, timeout=300)
         try:
             described = requests.get(f"{server.management_url}/models/{server.model}",
                                      headers=server.headers("management"), timeout=30).json()[0]  # fmt: skip

@@ -56,7 +56,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from scripts.loadgen import run_load  # noqa: E402
-from scripts.serve import Server, ServerError, read_properties, write_server_config  # noqa: E402
+from scripts.serve import Server, ServerError, read_properties, start_server, write_server_config  # noqa: E402
 
 PYTHON = sys.executable
 DEFAULT_STORE = ROOT / "model_store"
@@ -76,22 +76,6 @@ def result(check: str, expected: str, measured: str, passed: bool, **details) ->
 
 # ---------------------------------------------------------------------------------------------
 # servers of our own
-
-
-def server_config(folder: Path, model_store: Path, **overrides: str) -> Path:
-    """The repository's config.properties with free loopback ports (all five APIs) and the given store."""
-    return write_server_config(folder, model_store, **overrides)
-
-
-def start_server(folder: Path, model_store: Path, timeout: float = 240.0, **overrides: str) -> Server:
-    """A started Server of our own in ``folder``; stopped again if it does not become READY."""
-    server = Server(server_config(folder, model_store, **overrides), folder / "run")
-    try:
-        server.start(timeout=timeout)
-    except BaseException:
-        server.stop()
-        raise
-    return server
 
 
 def sample_png(seed: int = 7, size: int = 32) -> bytes:
@@ -665,14 +649,12 @@ def check_corrupt_mar(
     kind: str,
     *,
     fail_within: float = 60.0,
-    make_config: Callable[[Path, Path], Path] = server_config,
 ) -> list[Result]:
     """Start a server on a corrupt .mar: Server.start raises a clear ServerError quickly (not after
-    its full timeout), ``serve.py status`` exits non-zero and says why, /ping alone stays healthy.
-    ``make_config(folder, model_store)`` writes the server's config.properties."""
+    its full timeout), ``serve.py status`` exits non-zero and says why, /ping alone stays healthy."""
     store = folder / "store"
     corrupt_store(source_mar, store, kind)
-    server = Server(make_config(folder, store), folder / "run")
+    server = Server(write_server_config(folder, store), folder / "run")
     timeout = 240.0
     started = time.monotonic()
     error = ""

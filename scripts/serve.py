@@ -360,6 +360,18 @@ def write_server_config(folder: Path, model_store: Path, **overrides: str) -> Pa
     return path
 
 
+def start_server(folder: Path, model_store: Path, timeout: float = 240.0, **overrides: str) -> Server:
+    """A started Server of our own in ``folder`` (write_server_config's free ports); stopped again if it
+    does not become READY, so a failed start leaves no Java behind."""
+    server = Server(write_server_config(folder, model_store, **overrides), folder / "run")
+    try:
+        server.start(timeout=timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from synthetic import write_cifar_batches, write_image_folder  # noqa: E402
 
-from scripts.serve import Server, free_ports, write_server_config  # noqa: E402, F401  (re-exported for tests)
+from scripts.serve import Server, free_ports, start_server, write_server_config  # noqa: E402, F401  (re-exported for tests)
 
 PYTHON = sys.executable
 ARTIFACTS = ROOT / "test-artifacts"
@@ -87,11 +87,6 @@ def model_store(tmp_path_factory, tiny_checkpoint) -> Path:
 def server(tmp_path_factory, model_store):
     """A real TorchServe on free loopback ports serving the tiny model, for the whole session."""
     folder = tmp_path_factory.mktemp("torchserve")
-    srv = Server(write_server_config(folder, model_store), folder / "run")
-    try:
-        srv.start(timeout=240)
-    except Exception:
-        srv.stop()
-        raise
+    srv = start_server(folder, model_store)
     yield srv
     srv.stop()

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import pytest
 import requests
-from conftest import PYTHON, ROOT, run_cli, write_server_config
-
-from scripts.serve import Server
+from conftest import PYTHON, ROOT, run_cli, start_server
 
 REAL_DATA = ROOT.parent / "shared" / "data" / "cifar3" / "train"
 CLASSES = ["airplane", "automobile", "ship"]
@@ -30,9 +28,8 @@ def test_pipeline_on_real_images(tmp_path):
     store = tmp_path / "store"
     archived = run_cli("bash", str(ROOT / "scripts" / "archive.sh"), str(checkpoint), env={"MODEL_STORE": str(store)})
     assert archived.returncode == 0, archived.stderr
-    server = Server(write_server_config(tmp_path / "ts", store), tmp_path / "ts" / "run")
+    server = start_server(tmp_path / "ts", store)
     try:
-        server.start(timeout=240)
         for name in CLASSES:
             for image in sorted((REAL_DATA / name).glob("*.jpg"))[-3:]:  # images it did not train on are likely
                 response = server.predict(image)

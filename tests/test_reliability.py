@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import write_server_config
+from conftest import start_server, write_server_config
 
 from scripts import reliability as rel
 from scripts.serve import Server, read_properties
@@ -21,17 +21,6 @@ from scripts.serve import Server, read_properties
 FULL = os.environ.get("CIFAR3_RELIABILITY_FULL") == "1"
 full_only = pytest.mark.skipif(not FULL, reason="full reliability run: set CIFAR3_RELIABILITY_FULL=1")
 pytestmark = pytest.mark.server
-
-
-def start(folder, model_store) -> Server:
-    """A server of this test's own (conftest's config: free ports, gRPC's included)."""
-    srv = Server(write_server_config(folder, model_store), folder / "run")
-    try:
-        srv.start(timeout=240)
-    except BaseException:
-        srv.stop()
-        raise
-    return srv
 
 
 def assert_passed(rows: list[dict], only: str | None = None) -> None:
@@ -53,7 +42,7 @@ def payload() -> bytes:
 @pytest.fixture(scope="module")
 def own_server(tmp_path_factory, model_store):
     """A server this module may kill workers of, scale, stop and start."""
-    srv = start(tmp_path_factory.mktemp("reliability-server"), model_store)
+    srv = start_server(tmp_path_factory.mktemp("reliability-server"), model_store)
     yield srv
     srv.stop()
 
@@ -138,7 +127,7 @@ def test_stop_start_cycles_restore_no_state_and_leave_no_process(own_server, pay
 
 def test_request_slower_than_the_response_timeout(tmp_path, model_store, payload):
     store = rel.build_slow_mar(model_store / "cifar3.mar", tmp_path / "store").parent
-    srv = start(tmp_path / "server", store)
+    srv = start_server(tmp_path / "server", store)
     try:
         assert_passed(rel.check_slow_request(srv, payload))
     finally:
@@ -147,7 +136,7 @@ def test_request_slower_than_the_response_timeout(tmp_path, model_store, payload
 
 @pytest.mark.parametrize("kind", ["truncated", "bad-checkpoint", pytest.param("garbage", marks=full_only)])
 def test_corrupt_mar_fails_start_quickly_and_status_says_why(tmp_path, model_store, kind):
-    rows = rel.check_corrupt_mar(tmp_path, model_store / "cifar3.mar", kind, make_config=write_server_config)
+    rows = rel.check_corrupt_mar(tmp_path, model_store / "cifar3.mar", kind)
     assert_passed(rows)
 
 
