@@ -23,7 +23,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from training.checkpoint import load_checkpoint
-from training.inference import calibrated_probs
+from training.inference import calibrated_probs, memory_format, prepare_for_inference
 from training.preprocessing import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, eval_transform
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class Cifar3Handler(BaseHandler):
         self.device = torch.device(f"cuda:{gpu_id}" if use_cuda else "cpu")
         checkpoint = os.path.join(properties["model_dir"], self.manifest["model"]["serializedFile"])
         self.model, self.meta = load_checkpoint(checkpoint, self.device)
-        self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = prepare_for_inference(self.model)
         self.max_pixels = int(options.get("max_image_pixels", MAX_IMAGE_PIXELS))
         # One forward pass now, so the first real request does not pay for lazy initialisation.
         self.inference(torch.zeros(1, 3, self.meta.image_size, self.meta.image_size))
@@ -119,7 +119,7 @@ class Cifar3Handler(BaseHandler):
 
     @torch.inference_mode()
     def inference(self, data, *args, **kwargs):
-        batch = data.to(self.device).contiguous(memory_format=torch.channels_last)
+        batch = data.to(self.device).contiguous(memory_format=memory_format(self.device))
         return calibrated_probs(self.model(batch).float().cpu(), self.meta.temperature)
 
     def postprocess(self, data):

@@ -107,11 +107,12 @@ class _Connection:
         return int(head[0].split()[1]), fields.get("connection") == "close"
 
 
-def build_requests(url: str, bodies: list[bytes], headers: dict[str, str]) -> list[bytes]:
+def build_requests(url: str, bodies: list[bytes], headers: dict[str, str], method: str = "POST") -> list[bytes]:
     parts = urlsplit(url)
+    target = f"{parts.path}?{parts.query}" if parts.query else parts.path
     lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     host = f"Host: {parts.hostname}:{parts.port}\r\n"
-    return [f"POST {parts.path} HTTP/1.1\r\n{host}Content-Length: {len(b)}\r\n{lines}\r\n".encode() + b for b in bodies]
+    return [f"{method} {target} HTTP/1.1\r\n{host}Content-Length: {len(b)}\r\n{lines}\r\n".encode() + b for b in bodies]
 
 
 def run_load(
@@ -123,12 +124,13 @@ def run_load(
     seconds: float,
     rate: float | None = None,
     timeout: float = 30.0,
+    method: str = "POST",
 ) -> LoadResult:
-    """POST ``bodies`` (in turn) to ``url`` for ``seconds``; closed loop, or open loop at ``rate`` per second."""
+    """Send ``bodies`` (in turn) to ``url`` for ``seconds``; closed loop, or open loop at ``rate`` per second."""
     if not bodies or concurrency < 1 or seconds <= 0 or (rate is not None and rate <= 0):
         raise ValueError("run_load needs bodies, concurrency >= 1, seconds > 0 and rate > 0 (or None)")
     parts = urlsplit(url)
-    requests = build_requests(url, bodies, headers)
+    requests = build_requests(url, bodies, headers, method)
     connections = [_Connection((parts.hostname, parts.port), timeout) for _ in range(concurrency)]
     selector = selectors.DefaultSelector()
     samples: list[Sample] = []

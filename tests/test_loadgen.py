@@ -55,6 +55,11 @@ def test_requests_are_built_once_with_length_and_headers():
     assert {"Host: 127.0.0.1:8080", "Content-Length: 2", "Authorization: Bearer k"} <= set(lines[1:])
 
 
+def test_get_requests_keep_the_query_string():
+    [request] = build_requests("http://127.0.0.1:8081/models/cifar3?customized=true", [b""], {}, method="GET")
+    assert request.startswith(b"GET /models/cifar3?customized=true HTTP/1.1\r\n") and request.endswith(b"\r\n\r\n")
+
+
 def test_percentile_is_nearest_rank():
     assert percentile(list(range(1, 101)), 99) == 99 and percentile([3.0], 50) == 3.0
     assert percentile([], 50) != percentile([], 50)  # nan
@@ -124,5 +129,9 @@ def test_benchmark_quick_run_writes_its_report(tiny_checkpoint, tmp_path):
     assert report["in_process"]["batched_images_per_s"] > 0
     assert report["server_settings"]["batchSize"] == MODEL_CONFIG["batchSize"]
     assert report["in_process"]["worker_threads"] == MODEL_CONFIG["handler"]["torch_threads"]
+    floor = report["worker_round_trip"]  # describe calls through a worker, none lost
+    assert floor["requests"] > 0 and floor["errors"] == 0 and 0 < floor["p50_ms"] < report["served"][0]["p99_ms"]
+    [c1] = [c for c in report["checks"] if c["check"].startswith("p50 at c=1")]
+    assert c1["bound"] > 1.0  # a served request costs more than its forward pass alone
     markdown = (out / "benchmark.md").read_text()
     assert "| 4 |" in markdown and "cores: frontend / workers / client" in markdown

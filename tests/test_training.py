@@ -15,7 +15,7 @@ from synthetic import write_image_folder
 from training.checkpoint import CheckpointError, ModelMeta, load_checkpoint, save_checkpoint
 from training.classes import parse_classes
 from training.data import DataError, limit_per_class, load_split, stratified_split
-from training.inference import calibrated_probs, fit_temperature
+from training.inference import calibrated_probs, fit_temperature, prepare_for_inference
 from training.model import VARIANTS, build_model
 from training.preprocessing import CIFAR10_MEAN, CIFAR10_STD
 
@@ -119,6 +119,27 @@ def test_every_variant_maps_32px_images_to_class_logits(variant):
     model = build_model(variant, 3).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_inference_model_folds_batchnorm_and_computes_the_same_function(variant):
+    torch.manual_seed(0)
+    model = build_model(variant, 3)
+    with torch.no_grad():  # non-trivial running statistics, as after training
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+    model.eval()
+    images = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(images)
+        prepared = prepare_for_inference(model)
+        got = prepared(images)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in prepared.modules())
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # a copy was folded
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path):

@@ -22,7 +22,7 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 
 from training.checkpoint import CheckpointError, ModelMeta, load_checkpoint
 from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, limit_per_class, load_split, stratified_split
-from training.inference import calibrated_probs, predict_logits
+from training.inference import calibrated_probs, predict_logits, prepare_for_inference
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    metrics, probs = evaluate(model, meta, data.images, data.labels)
+    metrics, probs = evaluate(prepare_for_inference(model), meta, data.images, data.labels)
     metrics["data"] = data.source
     args.report_dir.mkdir(parents=True, exist_ok=True)
     y_pred = probs.argmax(1)

@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 
 from training.preprocessing import normalize
 
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last on a GPU (tensor cores); plain NCHW on CPU, where oneDNN ran these 32x32 convolutions
+    15-25% faster in NCHW at batch 8 and above (scripts/benchmark.py, the README's performance section)."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def prepare_for_inference(model: nn.Module) -> nn.Module:
+    """The model as every predictor runs it (evaluation, benchmark, handler): eval mode, in its device's
+    memory format, and on CPU with each BatchNorm folded into the convolution before it. Same function,
+    one pass over memory fewer per layer: about 8% more images/s at batch 8 on 2 CPU cores."""
+    model = model.eval()
+    device = model_device(model)
+    if device.type == "cpu":
+        model = fuse(model)  # torch.fx: conv + eval BatchNorm -> one conv with folded weights
+    return model.to(memory_format=memory_format(device))
 
 
 @torch.inference_mode()
@@ -21,7 +39,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, mean, std, batch_size
     for start in range(0, len(images), batch_size):
         batch = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
         with autocast:
-            outputs.append(model(batch.contiguous(memory_format=torch.channels_last)).float().cpu())
+            outputs.append(model(batch.contiguous(memory_format=memory_format(device))).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0, 0)
 
 

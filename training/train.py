@@ -32,7 +32,7 @@ from tqdm import tqdm
 from training.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
 from training.classes import DEFAULT_CLASSES, parse_classes
 from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, limit_per_class, load_split, stratified_split
-from training.inference import fit_temperature, predict_logits
+from training.inference import fit_temperature, memory_format, predict_logits
 from training.model import VARIANTS, build_model
 from training.preprocessing import CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE, normalize
 
@@ -149,7 +149,7 @@ def probe_epoch_seconds(
 
     def step() -> None:
         inputs = normalize(augment(images[:batch], recipe, gen), mean, std).contiguous(
-            memory_format=torch.channels_last
+            memory_format=memory_format(images.device)
         )
         with autocast:
             loss = nn.functional.cross_entropy(probe(inputs).float(), labels[:batch])
@@ -239,7 +239,7 @@ def train(args: argparse.Namespace) -> dict:
     train_images, train_labels = train_set.images.to(device), train_set.labels.to(device)
     mean, std = list(CIFAR10_MEAN), list(CIFAR10_STD)
 
-    model = build_model(recipe.variant, len(classes)).to(device, memory_format=torch.channels_last)
+    model = build_model(recipe.variant, len(classes)).to(device, memory_format=memory_format(device))
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]  # biases and norm scales
     optimizer = torch.optim.SGD(
@@ -300,7 +300,7 @@ def train(args: argparse.Namespace) -> dict:
         for step in bar:
             idx = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
             batch = augment(train_images[idx], recipe, gen)
-            inputs = normalize(batch, mean, std).contiguous(memory_format=torch.channels_last)
+            inputs = normalize(batch, mean, std).contiguous(memory_format=memory_format(device))
             targets = train_labels[idx]
             with autocast:
                 outputs = model(inputs)
