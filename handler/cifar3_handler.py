@@ -23,7 +23,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from training.checkpoint import load_checkpoint
-from training.inference import calibrated_probs, memory_format, prepare_for_inference
+from training.inference import as_model_input, calibrated_probs, inference_dtype, prepare_for_inference
 from training.preprocessing import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, eval_transform
 
 logger = logging.getLogger(__name__)
@@ -83,15 +83,17 @@ class Cifar3Handler(BaseHandler):
         self.device = torch.device(f"cuda:{gpu_id}" if use_cuda else "cpu")
         checkpoint = os.path.join(properties["model_dir"], self.manifest["model"]["serializedFile"])
         self.model, self.meta = load_checkpoint(checkpoint, self.device)
-        self.model = prepare_for_inference(self.model)
+        self.dtype = inference_dtype(str(options.get("dtype", "auto")), self.device)
+        self.model = prepare_for_inference(self.model, self.dtype)
         self.max_pixels = int(options.get("max_image_pixels", MAX_IMAGE_PIXELS))
         # One forward pass now, so the first real request does not pay for lazy initialisation.
         self.inference(torch.zeros(1, 3, self.meta.image_size, self.meta.image_size))
         self.initialized = True
         logger.info(
-            "cifar3 model ready: %s on %s, classes %s, %d torch threads",
+            "cifar3 model ready: %s on %s in %s, classes %s, %d torch threads",
             self.meta.variant,
             self.device,
+            self.dtype,
             self.meta.classes,
             torch.get_num_threads(),
         )
@@ -119,8 +121,7 @@ class Cifar3Handler(BaseHandler):
 
     @torch.inference_mode()
     def inference(self, data, *args, **kwargs):
-        batch = data.to(self.device).contiguous(memory_format=memory_format(self.device))
-        return calibrated_probs(self.model(batch).float().cpu(), self.meta.temperature)
+        return calibrated_probs(self.model(as_model_input(data, self.model)).float().cpu(), self.meta.temperature)
 
     def postprocess(self, data):
         classes = self.meta.classes
@@ -168,6 +169,7 @@ class Cifar3Handler(BaseHandler):
                 "trained": meta.created,
                 "epoch": meta.epoch,
                 "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."),
                 "max_image_pixels": self.max_pixels,
             }
         )

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from scripts.loadgen import run_load  # noqa: E402
 from scripts.serve import Server, start_server  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
-from training.inference import prepare_for_inference  # noqa: E402
+from training.inference import as_model_input, inference_dtype, prepare_for_inference  # noqa: E402
 from training.preprocessing import decode_image, eval_transform  # noqa: E402
 
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "cifar3" / "train"
@@ -88,14 +88,21 @@ def time_it(fn, repeats: int) -> list[float]:
     return samples
 
 
-@torch.inference_mode()
-def in_process(checkpoint: Path, images: list[bytes], threads: int, worker_threads: int, seconds: float) -> dict:
+def served_model(checkpoint: Path, dtype: str):
+    """(model, meta) prepared exactly as the handler prepares it with model-config's ``dtype``."""
     model, meta = load_checkpoint(checkpoint)
-    model = prepare_for_inference(model)
+    return prepare_for_inference(model, inference_dtype(dtype, torch.device("cpu"))), meta
+
+
+@torch.inference_mode()
+def in_process(
+    checkpoint: Path, dtype: str, images: list[bytes], threads: int, worker_threads: int, seconds: float
+) -> dict:
+    model, meta = served_model(checkpoint, dtype)
 
     def batch_of(n: int) -> torch.Tensor:
         pil = [decode_image(images[i % len(images)]) for i in range(n)]
-        return eval_transform(pil, meta.image_size, meta.mean, meta.std)
+        return as_model_input(eval_transform(pil, meta.image_size, meta.mean, meta.std), model)
 
     def rates_by_batch(batch_sizes: tuple[int, ...]) -> dict[int, float]:
         rates = {}
@@ -127,12 +134,11 @@ def in_process(checkpoint: Path, images: list[bytes], threads: int, worker_threa
     }
 
 
-def _forward_loop(checkpoint: Path, threads: int, batch_size: int, seconds: float, barrier, results) -> None:
+def _forward_loop(checkpoint: Path, dtype: str, threads: int, batch_size: int, seconds: float, barrier, results):
     """One process: forward passes at ``batch_size`` for ``seconds`` once every process is ready."""
     torch.set_num_threads(threads)
-    model, meta = load_checkpoint(checkpoint)
-    model = prepare_for_inference(model)
-    batch = torch.randn(batch_size, 3, meta.image_size, meta.image_size)
+    model, meta = served_model(checkpoint, dtype)
+    batch = as_model_input(torch.randn(batch_size, 3, meta.image_size, meta.image_size), model)
     with torch.inference_mode():
         for _ in range(3):
             model(batch)
@@ -144,15 +150,15 @@ def _forward_loop(checkpoint: Path, threads: int, batch_size: int, seconds: floa
     results.put(images / (time.perf_counter() - started))
 
 
-def side_by_side(checkpoint: Path, processes: int, threads: int, batch_size: int, seconds: float) -> dict:
+def side_by_side(checkpoint: Path, dtype: str, processes: int, threads: int, batch_size: int, seconds: float) -> dict:
     """The served layout's compute-only rate: ``processes`` forward loops at once, no server.
 
     About what the workers could do if the frontend, the IPC and preprocessing cost nothing and every
     batch were full: how much of the in-process limit this worker layout can reach at best."""
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(processes), context.Queue()
-    jobs = [context.Process(target=_forward_loop, args=(checkpoint, threads, batch_size, seconds, barrier, results))
-            for _ in range(processes)]  # fmt: skip
+    args = (checkpoint, dtype, threads, batch_size, seconds, barrier, results)
+    jobs = [context.Process(target=_forward_loop, args=args) for _ in range(processes)]
     for job in jobs:
         job.start()
     rates = [results.get(timeout=300) for _ in jobs]
@@ -228,7 +234,8 @@ def markdown(report: dict) -> str:
         f"# cifar3 benchmark ({report['date']})",
         "",
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; torch {report['machine']['torch']}. "
-        f"Model: {ip['variant']} from `{report['checkpoint']}`; in-process with {ip['threads']} torch threads.",
+        f"Model: {ip['variant']} from `{report['checkpoint']}`, {ip.get('dtype', 'float32')}; in-process with "
+        f"{ip['threads']} torch threads.",
         "",
         "## In-process (the machine's limit for this model)",
         "",
@@ -310,12 +317,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     images = load_image_bytes(args.images, 256)
     model_config = yaml.safe_load(args.model_config.read_text()) or {}
-    worker_threads = int((model_config.get("handler") or {}).get("torch_threads") or args.threads)
+    options = model_config.get("handler") or {}
+    worker_threads, dtype = int(options.get("torch_threads") or args.threads), str(options.get("dtype", "auto"))
     print(f"in-process: {args.checkpoint} on {len(images)} images ...", flush=True)
-    inproc = in_process(args.checkpoint, images, args.threads, worker_threads, seconds=args.in_process_seconds)
+    inproc = in_process(args.checkpoint, dtype, images, args.threads, worker_threads, args.in_process_seconds)
+    inproc["dtype"] = str(inference_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")
     workers, batch_size = int(model_config.get("minWorkers", 1)), int(model_config.get("batchSize", 1))
     inproc["side_by_side"] = side_by_side(
-        args.checkpoint, workers, worker_threads, batch_size, seconds=max(1.0, 2 * args.in_process_seconds)
+        args.checkpoint, dtype, workers, worker_threads, batch_size, seconds=max(1.0, 2 * args.in_process_seconds)
     )
     print(json.dumps(inproc), flush=True)
 

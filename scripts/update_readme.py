@@ -70,7 +70,7 @@ def benchmark_section(reports: Path) -> list[str]:
 def one_benchmark(bench: dict) -> list[str]:
     ip = bench["in_process"]
     lines = [
-        f"Model `{ip['variant']}` from `{Path(bench['checkpoint']).name}`. "
+        f"Model `{ip['variant']}` from `{Path(bench['checkpoint']).name}`, {ip.get('dtype', 'float32')}. "
         f"Machine: {bench['machine']['cpu']}, {bench['machine']['cores']} cores, {bench['date']}. "
         f"In-process limit: **{ip['batched_images_per_s']} img/s** (batch {ip['best_batch']}), batch-1 forward "
         f"{ip['batch1_forward_p50_ms']} ms.",

@@ -17,7 +17,7 @@ from synthetic import encode, sample_image
 from test_handler import png_with_declared_size
 
 from training.checkpoint import load_checkpoint
-from training.inference import calibrated_probs, predict_logits
+from training.inference import calibrated_probs, inference_dtype, predict_logits, prepare_for_inference
 from training.preprocessing import pil_to_uint8
 
 pytestmark = pytest.mark.server
@@ -84,11 +84,18 @@ def test_served_probabilities_equal_in_process_evaluation(server, tiny_checkpoin
     for path in files:
         served = post(server, path.read_bytes(), OCTET).json()["probs"]
         assert [served[c] for c in CLASSES] == pytest.approx(expected[str(path)], abs=1e-4)
-    # and both equal the model applied directly
+    # and both equal the model applied directly, prepared as served; the float32 model is within bfloat16's reach
     model, meta = load_checkpoint(tiny_checkpoint)
-    direct = calibrated_probs(predict_logits(model, pil_to_uint8(sample_image(CLASSES[0], seed=100)).unsqueeze(0),
-                                             meta.mean, meta.std), meta.temperature)  # fmt: skip
-    assert direct[0].tolist() == pytest.approx(expected[str(files[0])], abs=1e-4)
+    image = pil_to_uint8(sample_image(CLASSES[0], seed=100)).unsqueeze(0)
+
+    def probs(net):
+        return calibrated_probs(predict_logits(net, image, meta.mean, meta.std), meta.temperature)[0].tolist()
+
+    float32 = probs(model)
+    assert probs(prepare_for_inference(model, inference_dtype("auto", torch.device("cpu")))) == pytest.approx(
+        expected[str(files[0])], abs=1e-4
+    )
+    assert float32 == pytest.approx(expected[str(files[0])], abs=0.02)
 
 
 def test_concurrent_requests_are_batched_and_bad_ones_fail_alone(server):

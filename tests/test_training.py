@@ -15,7 +15,14 @@ from synthetic import write_image_folder
 from training.checkpoint import CheckpointError, ModelMeta, load_checkpoint, save_checkpoint
 from training.classes import parse_classes
 from training.data import DataError, limit_per_class, load_split, stratified_split
-from training.inference import calibrated_probs, fit_temperature, prepare_for_inference
+from training.inference import (
+    calibrated_probs,
+    fit_temperature,
+    inference_dtype,
+    native_bfloat16,
+    predict_logits,
+    prepare_for_inference,
+)
 from training.model import VARIANTS, build_model
 from training.preprocessing import CIFAR10_MEAN, CIFAR10_STD
 
@@ -121,17 +128,22 @@ def test_every_variant_maps_32px_images_to_class_logits(variant):
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_inference_model_folds_batchnorm_and_computes_the_same_function(variant):
+def trained_looking_model(variant: str) -> torch.nn.Module:
+    """A fresh model whose BatchNorms hold non-trivial running statistics, as after training."""
     torch.manual_seed(0)
     model = build_model(variant, 3)
-    with torch.no_grad():  # non-trivial running statistics, as after training
+    with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
                 module.weight.uniform_(0.5, 1.5)
-    model.eval()
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_inference_model_folds_batchnorm_and_computes_the_same_function(variant):
+    model = trained_looking_model(variant)
     images = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         expected = model(images)
@@ -140,6 +152,26 @@ def test_inference_model_folds_batchnorm_and_computes_the_same_function(variant)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in prepared.modules())
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # a copy was folded
+
+
+def test_inference_dtype_names_and_auto():
+    cpu = torch.device("cpu")
+    assert inference_dtype("float32", cpu) == torch.float32 and inference_dtype("bfloat16", cpu) == torch.bfloat16
+    assert inference_dtype("auto", cpu) == (torch.bfloat16 if native_bfloat16(cpu) else torch.float32)
+    with pytest.raises(ValueError, match="choose auto, float32, bfloat16"):
+        inference_dtype("int8", cpu)
+
+
+def test_bfloat16_model_is_close_to_float32_and_the_same_at_any_batch_size():
+    model = trained_looking_model("resnet18_fast")
+    images = torch.randint(0, 256, (9, 3, 32, 32), dtype=torch.uint8)
+    bf16 = prepare_for_inference(model, torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    one_by_one = calibrated_probs(predict_logits(bf16, images, CIFAR10_MEAN, CIFAR10_STD, batch_size=1), 1.0)
+    together = calibrated_probs(predict_logits(bf16, images, CIFAR10_MEAN, CIFAR10_STD), 1.0)
+    float32 = calibrated_probs(predict_logits(prepare_for_inference(model), images, CIFAR10_MEAN, CIFAR10_STD), 1.0)
+    assert torch.allclose(one_by_one, together, atol=1e-4)  # served batches of any size agree with evaluate
+    assert torch.allclose(together, float32, atol=0.05) and not torch.equal(together, float32)
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path):

@@ -5,7 +5,9 @@
 ``cifar10`` and a cifar-10-batches-py folder are evaluated on their official test split; an image
 folder is evaluated whole. Writes ``DIR/metrics.json`` and ``DIR/confusion_matrix.png`` (and, with
 ``--predictions``, one CSV row of calibrated probabilities per image). The last stdout line is one
-JSON object with at least ``accuracy`` and ``n``, for other tools to parse.
+JSON object with at least ``accuracy`` and ``n``, for other tools to parse. The forward pass runs as the
+served handler runs it (``--dtype auto``: bfloat16 on hardware that computes it natively), so the
+figures are the served model's.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 
 from training.checkpoint import CheckpointError, ModelMeta, load_checkpoint
 from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, limit_per_class, load_split, stratified_split
-from training.inference import calibrated_probs, predict_logits, prepare_for_inference
+from training.inference import DTYPES, calibrated_probs, inference_dtype, predict_logits, prepare_for_inference
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
@@ -108,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--predictions", action="store_true", help="also write DIR/predictions.csv (per-image probabilities)"
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="numeric type of the forward pass; auto = bfloat16 where the hardware computes it "
+                        "natively, else float32, exactly as the served handler does (default: auto)")  # fmt: skip
     return p
 
 
@@ -123,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    metrics, probs = evaluate(prepare_for_inference(model), meta, data.images, data.labels)
-    metrics["data"] = data.source
+    dtype = inference_dtype(args.dtype, torch.device(args.device))
+    metrics, probs = evaluate(prepare_for_inference(model, dtype), meta, data.images, data.labels)
+    metrics["data"], metrics["dtype"] = data.source, str(dtype).removeprefix("torch.")
     args.report_dir.mkdir(parents=True, exist_ok=True)
     y_pred = probs.argmax(1)
-    print(f"{data.source}: {metrics['n']} images, accuracy {metrics['accuracy']:.4f}, ECE {metrics['ece']:.4f}\n")
+    print(f"{data.source}: {metrics['n']} images, {metrics['dtype']}, accuracy {metrics['accuracy']:.4f}, "
+          f"ECE {metrics['ece']:.4f}\n")  # fmt: skip
     print(
         classification_report(
             data.labels.numpy(),

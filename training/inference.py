@@ -8,38 +8,69 @@ from torch.fx.experimental.optimization import fuse
 
 from training.preprocessing import normalize
 
+# Numeric types a model can be served in; "auto" in inference_dtype picks one for the hardware.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def memory_format(device: torch.device) -> torch.memory_format:
-    """channels_last on a GPU (tensor cores); plain NCHW on CPU, where oneDNN ran these 32x32 convolutions
-    15-25% faster in NCHW at batch 8 and above (scripts/benchmark.py, the README's performance section)."""
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether the device computes bfloat16 in hardware: a CPU with AVX512-BF16 or AMX, a CUDA GPU that
+    supports it. Elsewhere bfloat16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def prepare_for_inference(model: nn.Module) -> nn.Module:
-    """The model as every predictor runs it (evaluation, benchmark, handler): eval mode, in its device's
-    memory format, and on CPU with each BatchNorm folded into the convolution before it. Same function,
-    one pass over memory fewer per layer: about 8% more images/s at batch 8 on 2 CPU cores."""
+def inference_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype called ``name`` (a key of DTYPES), or for "auto" bfloat16 where the hardware computes it
+    natively, else float32. Every predictor on one machine resolves "auto" the same way, so the handler and
+    ``training.evaluate`` agree to the last bit (same weights, same kernels, whatever the batch size)."""
+    if name == "auto":
+        return torch.bfloat16 if native_bfloat16(device) else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def memory_format(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.memory_format:
+    """channels_last on a GPU and for bfloat16 (the layout oneDNN's AMX kernels want); plain NCHW for
+    float32 on CPU, where oneDNN ran these 32x32 convolutions 15-25% faster than channels_last at batch 8
+    and above (README, "Performance on 2 cores")."""
+    return torch.channels_last if device.type == "cuda" or dtype != torch.float32 else torch.contiguous_format
+
+
+def prepare_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model as every predictor runs it (evaluation, benchmark, handler): eval mode, on CPU with each
+    BatchNorm folded into the convolution before it (same function, one pass over memory fewer per layer),
+    in ``dtype`` and its memory format. The checkpoint itself always stays float32."""
     model = model.eval()
     device = model_device(model)
     if device.type == "cpu":
-        model = fuse(model)  # torch.fx: conv + eval BatchNorm -> one conv with folded weights
-    return model.to(memory_format=memory_format(device))
+        model = fuse(model)  # torch.fx: conv + eval BatchNorm -> one conv with folded weights; a copy
+    return model.to(dtype).to(memory_format=memory_format(device, dtype))
+
+
+def as_model_input(batch: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """A normalized float batch moved to the model's device, dtype and memory format."""
+    weight = next(model.parameters())
+    fmt = memory_format(weight.device, weight.dtype)
+    return batch.to(weight.device, weight.dtype, non_blocking=True).contiguous(memory_format=fmt)
 
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, images: torch.Tensor, mean, std, batch_size: int = 256) -> torch.Tensor:
     """uint8 N x 3 x H x W images -> float32 N x C logits (on CPU)."""
-    device = model_device(model)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    weight = next(model.parameters())
+    # A float32 model on a GPU (training) runs under bf16 autocast; a prepared bf16 model needs none.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=weight.is_cuda and weight.dtype == torch.float32)
     outputs = []
     for start in range(0, len(images), batch_size):
-        batch = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
+        batch = normalize(images[start : start + batch_size].to(weight.device, non_blocking=True), mean, std)
         with autocast:
-            outputs.append(model(batch.contiguous(memory_format=memory_format(device))).float().cpu())
+            outputs.append(model(as_model_input(batch, model)).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0, 0)
 
 
