@@ -113,13 +113,17 @@ def in_process(
             rates[batch_size] = batch_size / statistics.median(samples)
         return rates
 
+    one = batch_of(1)
     torch.set_num_threads(worker_threads)
     per_worker = rates_by_batch((1, 8))
+    forward_ms = {worker_threads: statistics.median(time_it(lambda: model(one), 200)) * 1000}
     torch.set_num_threads(threads)
     rates = rates_by_batch((1, 8, 16, 32, 64))
-    one = batch_of(1)
-    forward_ms = [s * 1000 for s in time_it(lambda: model(one), 200)]
-    full_ms = [s * 1000 for s in time_it(lambda: model(batch_of(1)), 200)]
+    forward_ms[threads] = statistics.median(time_it(lambda: model(one), 200)) * 1000
+    fastest = min(forward_ms, key=forward_ms.get)  # bfloat16 on AMX: one thread can beat two
+    torch.set_num_threads(fastest)
+    full_ms = statistics.median(time_it(lambda: model(batch_of(1)), 200)) * 1000
+    torch.set_num_threads(threads)
     best = max(rates, key=rates.get)
     return {
         "threads": threads,
@@ -127,8 +131,9 @@ def in_process(
         "images_per_s_by_batch": {str(k): round(v, 1) for k, v in rates.items()},
         "best_batch": best,
         "batched_images_per_s": round(rates[best], 1),
-        "batch1_forward_p50_ms": round(statistics.median(forward_ms), 2),
-        "batch1_with_preprocessing_p50_ms": round(statistics.median(full_ms), 2),
+        "batch1_forward_p50_ms": round(forward_ms[fastest], 2),  # the faster thread count's
+        "batch1_threads": fastest,
+        "batch1_with_preprocessing_p50_ms": round(full_ms, 2),
         "worker_threads": worker_threads,
         "images_per_s_by_batch_worker_threads": {str(k): round(v, 1) for k, v in per_worker.items()},
     }
@@ -239,20 +244,26 @@ def markdown(report: dict) -> str:
         "",
         "## In-process (the machine's limit for this model)",
         "",
+        f"One process, {ip['threads']} torch threads:",
+        "",
         "| batch | images/s |",
         "|---:|---:|",
         *[f"| {b} | {r} |" for b, r in ip["images_per_s_by_batch"].items()],
         "",
-        f"Batch-1 latency p50: {ip['batch1_forward_p50_ms']} ms forward only, "
-        f"{ip['batch1_with_preprocessing_p50_ms']} ms with decode + preprocessing.",
+        f"Batch-1 latency p50 (faster of 1 and {ip['threads']} threads: {ip['batch1_threads']}): "
+        f"{ip['batch1_forward_p50_ms']} ms forward only, {ip['batch1_with_preprocessing_p50_ms']} ms with decode + "
+        "preprocessing.",
         "",
         f"With {ip['worker_threads']} torch thread(s), as each served worker runs: "
         + ", ".join(f"batch {b}: {r} images/s" for b, r in ip["images_per_s_by_batch_worker_threads"].items())
         + ".",
         "",
         f"The served layout, compute only: {side['processes']} process(es) x {side['threads']} thread(s) at batch "
-        f"{side['batch']}, side by side with no server: {side['images_per_s']} images/s "
-        f"({side['images_per_s'] / ip['batched_images_per_s']:.2f} of the in-process limit).",
+        f"{side['batch']}, side by side with no server: {side['images_per_s']} images/s.",
+        "",
+        f"**The machine's limit: {ip['limit']['images_per_s']} images/s** ({ip['limit']['from']}; the best of "
+        + ", ".join(f"{k}: {v}" for k, v in ip["limit"]["candidates"].items())
+        + ").",
         "",
         "## Served by TorchServe over HTTP (closed-loop clients, same machine)",
         "",
@@ -323,9 +334,24 @@ def main(argv: list[str] | None = None) -> int:
     inproc = in_process(args.checkpoint, dtype, images, args.threads, worker_threads, args.in_process_seconds)
     inproc["dtype"] = str(inference_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")
     workers, batch_size = int(model_config.get("minWorkers", 1)), int(model_config.get("batchSize", 1))
-    inproc["side_by_side"] = side_by_side(
-        args.checkpoint, dtype, workers, worker_threads, batch_size, seconds=max(1.0, 2 * args.in_process_seconds)
+    loop_seconds, cores = max(1.0, 2 * args.in_process_seconds), os.cpu_count() or 1
+    side = inproc["side_by_side"] = side_by_side(
+        args.checkpoint, dtype, workers, worker_threads, batch_size, loop_seconds
     )
+    # The machine's limit is the best of every way to spend its cores: one process with all of them, one
+    # single-threaded process per core, or the served layout itself.
+    limits = {
+        f"1 process x {args.threads} threads, batch {inproc['best_batch']}": inproc["batched_images_per_s"],
+        f"served layout: {workers} x {worker_threads} thread(s), batch {batch_size}": side["images_per_s"],
+    }
+    if cores > 1:
+        per_core = side_by_side(args.checkpoint, dtype, cores, 1, 64, loop_seconds)["images_per_s"]
+        limits[f"{cores} processes x 1 thread, batch 64"] = per_core
+    limit_from = max(limits, key=limits.get)
+    inproc["limit"] = {"images_per_s": limits[limit_from], "from": limit_from, "candidates": limits}
+    # With 16 requests in flight no batch holds more than 16 images: the best any server could do at c=16.
+    at_16 = [inproc["images_per_s_by_batch"]["16"]] + ([side["images_per_s"]] if workers * batch_size <= 16 else [])
+    inproc["limit_with_16_in_flight"] = max(at_16)
     print(json.dumps(inproc), flush=True)
 
     with tempfile.TemporaryDirectory(prefix="cifar3-bench-") as tmp:
@@ -352,15 +378,14 @@ def main(argv: list[str] | None = None) -> int:
     checks = []
     # "bound": the best any server could measure here. With 16 requests in flight no batch holds more than
     # 16 images; at c=1 a prediction costs at least the forward, preprocessing and TorchServe's round trip.
-    rates, limit = inproc["images_per_s_by_batch"], inproc["batched_images_per_s"]
+    limit = inproc["limit"]["images_per_s"]
     if 16 in by_c:
         ratio = by_c[16]["images_per_s"] / limit
-        bound = min(1.0, rates["16"] / limit) if "16" in rates else None
+        bound = min(1.0, inproc["limit_with_16_in_flight"] / limit)
         checks += [
-            {"check": "served c=16 / in-process batched rate", "target": f">= {TARGETS['served_vs_inprocess_c16']}",
+            {"check": "served c=16 / in-process limit", "target": f">= {TARGETS['served_vs_inprocess_c16']}",
              "measured": round(ratio, 3), "met": ratio >= TARGETS["served_vs_inprocess_c16"],
-             "bound": round(bound, 3) if bound else None,
-             "bound_is": "in-process batch-16 rate / in-process limit"},
+             "bound": round(bound, 3), "bound_is": "best in-process rate with 16 images in flight / limit"},
             {"check": "errors at c=16", "target": "0", "measured": by_c[16]["errors"], "met": by_c[16]["errors"] == 0},
             {"check": "p99 at c=16 (ms)", "target": f"<= {TARGETS['p99_c16_ms']:.0f}",
              "measured": by_c[16]["p99_ms"], "met": by_c[16]["p99_ms"] <= TARGETS["p99_c16_ms"]},

@@ -72,8 +72,12 @@ def one_benchmark(bench: dict) -> list[str]:
     lines = [
         f"Model `{ip['variant']}` from `{Path(bench['checkpoint']).name}`, {ip.get('dtype', 'float32')}. "
         f"Machine: {bench['machine']['cpu']}, {bench['machine']['cores']} cores, {bench['date']}. "
-        f"In-process limit: **{ip['batched_images_per_s']} img/s** (batch {ip['best_batch']}), batch-1 forward "
-        f"{ip['batch1_forward_p50_ms']} ms.",
+        + (
+            f"Machine's limit: **{limit['images_per_s']} img/s** ({limit['from']}); "
+            if (limit := ip.get("limit"))
+            else f"In-process limit: **{ip['batched_images_per_s']} img/s** (batch {ip['best_batch']}); "
+        )
+        + f"batch-1 forward {ip['batch1_forward_p50_ms']} ms.",
         "",
         f"With {ip.get('worker_threads', ip['threads'])} torch thread(s), as each worker runs: "
         + ", ".join(f"batch {b}: {r} img/s" for b, r in ip.get("images_per_s_by_batch_worker_threads", {}).items())
