@@ -285,8 +285,9 @@ def markdown(report: dict) -> str:
         "## Targets",
         "",
         "Bound: the best any server could measure on this machine, from this run's numbers. At c=16 no batch",
-        "holds more than 16 images, so the served rate cannot pass the in-process batch-16 rate; at c=1 a",
-        "prediction costs at least the batch-1 forward, its preprocessing and TorchServe's round trip.",
+        "holds more than 16 images, so the served rate cannot pass the best in-process rate with 16 images in",
+        "flight; at c=1 a prediction costs at least the batch-1 forward, its preprocessing, TorchServe's round",
+        "trip and the batch delay (a lone request waits maxBatchDelay for company).",
         "",
         "| check | target | measured | met | bound |",
         "|---|---|---|---|---|",
@@ -393,10 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     if 1 in by_c:
         forward = inproc["batch1_forward_p50_ms"]
         ratio, target = by_c[1]["p50_ms"] / forward, TARGETS["p50_c1_vs_batch1"]
-        bound = (inproc["batch1_with_preprocessing_p50_ms"] + floor["p50_ms"]) / forward
+        # With dynamic batching on, a lone request also waits maxBatchDelay for company before it runs.
+        bound = (inproc["batch1_with_preprocessing_p50_ms"] + floor["p50_ms"] + settings["maxBatchDelay"]) / forward
         checks.append({"check": "p50 at c=1 / in-process batch-1 forward p50", "target": f"<= {target}",
                        "measured": round(ratio, 3), "met": ratio <= target, "bound": round(bound, 3),
-                       "bound_is": "(batch-1 forward + preprocessing + round trip) / batch-1 forward"})  # fmt: skip
+                       "bound_is": "(forward + preprocessing + round trip + maxBatchDelay) / forward"})  # fmt: skip
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
