@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     by_c = {r["concurrency"]: r for r in served}
     checks = []
     # "bound": the best any server could measure here. With 16 requests in flight no batch holds more than
-    # 16 images; at c=1 a prediction costs at least the forward, preprocessing and TorchServe's round trip.
+    # 16 images; at c=1 a prediction costs at least the forward, preprocessing, the round trip, the batch delay.
     limit = inproc["limit"]["images_per_s"]
     if 16 in by_c:
         ratio = by_c[16]["images_per_s"] / limit
