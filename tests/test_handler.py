@@ -21,7 +21,7 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from handler.cifar3_handler import Cifar3Handler
 from training.checkpoint import load_checkpoint
-from training.inference import calibrated_probs, predict_logits, prepare_for_inference
+from training.inference import calibrated_probs, inference_dtype, predict_logits, prepare_for_inference
 from training.preprocessing import ImageDecodeError, decode_image, pil_to_uint8
 
 CLASSES = ["airplane", "automobile", "ship"]
@@ -181,6 +181,8 @@ def test_describe_returns_the_checkpoint_metadata(handler, tiny_checkpoint):
     _, meta = load_checkpoint(tiny_checkpoint)
     assert described["classes"] == CLASSES and described["variant"] == meta.variant
     assert described["val_accuracy"] == meta.val_accuracy and described["trained"] == meta.created
+    # model-config's dtype: auto, resolved for this machine exactly as training.evaluate resolves it
+    assert described["dtype"] == str(inference_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
 
 
 def test_handler_probabilities_equal_in_process_evaluation(handler, model_dir, tiny_checkpoint):
