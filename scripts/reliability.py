@@ -30,7 +30,6 @@ import contextlib
 import io
 import ipaddress
 import json
-import math
 import os
 import platform
 import shutil
@@ -55,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts.loadgen import run_load  # noqa: E402
+from scripts.loadgen import percentile, run_load  # noqa: E402
 from scripts.serve import Server, ServerError, read_properties, start_server, write_server_config  # noqa: E402
 
 PYTHON = sys.executable
@@ -162,7 +161,7 @@ def worker_rss(server: Server) -> int:
 
 @dataclass
 class Call:
-    start: float  # time.monotonic() the request was due (open loop) or sent (closed loop)
+    start: float  # time.monotonic() the request was sent
     end: float
     status: int  # HTTP status; 0 when no HTTP answer came (connection reset, timeout)
     error: str = ""
@@ -179,13 +178,9 @@ class Call:
 
 
 class Load:
-    """Clients sending the payload to /predictions until stopped, bounded in requests and seconds.
-
-    Closed loop (``rate=None``): ``concurrency`` threads each send back to back. Open loop: requests
-    are due at a fixed ``rate`` per second whatever the answers do, sent by a pool of
-    ``concurrency`` threads; latency counts from when a request was due, so a server that falls
-    behind shows it (no coordinated omission).
-    """
+    """``concurrency`` client threads sending the payload to /predictions back to back until stopped
+    (at most ``max_seconds``), each call recorded: the background traffic of the fault checks, which
+    need per-call timing, errors and retries. The soak's load is scripts/loadgen.py's."""
 
     def __init__(
         self,
@@ -193,14 +188,12 @@ class Load:
         payload: bytes,
         *,
         concurrency: int = 4,
-        rate: float | None = None,
         max_seconds: float = 60.0,
-        max_requests: int = 100_000,
         timeout: float = REQUEST_TIMEOUT,
         retries: int = 0,
     ):
-        self.server, self.payload, self.concurrency, self.rate = server, payload, concurrency, rate
-        self.max_seconds, self.max_requests, self.timeout, self.retries = max_seconds, max_requests, timeout, retries
+        self.server, self.payload, self.concurrency = server, payload, concurrency
+        self.max_seconds, self.timeout, self.retries = max_seconds, timeout, retries
         self.url = f"{server.inference_url}/predictions/{server.model}"
         self.headers = {**server.headers("inference"), **OCTET}
         self.calls: list[Call] = []
@@ -208,8 +201,7 @@ class Load:
         self._stop = threading.Event()
         self._local = threading.local()
         self._threads: list[threading.Thread] = []
-        self._issued = 0
-        self.started = self.stopped = 0.0
+        self.started = 0.0
 
     def _session(self) -> requests.Session:
         if not hasattr(self._local, "session"):
@@ -224,8 +216,9 @@ class Load:
             self._local.__dict__.pop("session", None)  # a fresh connection next time
             return 0, f"{exc.__class__.__name__}: {str(exc)[:150]}"
 
-    def _send(self, due: float) -> None:
+    def _send(self) -> None:
         """One request; with ``retries``, sent again after a 5xx or no answer (a prediction is idempotent)."""
+        sent = time.monotonic()
         status, error = self._attempt()
         attempts, first_error = 1, ""
         while attempts <= self.retries and (status == 0 or status >= 500):  # also after stop(): bounded
@@ -234,36 +227,16 @@ class Load:
             status, error = self._attempt()
             attempts += 1
         with self._lock:
-            self.calls.append(Call(due, time.monotonic(), status, error, attempts, first_error))
+            self.calls.append(Call(sent, time.monotonic(), status, error, attempts, first_error))
 
-    def _take(self) -> bool:
-        with self._lock:
-            if self._stop.is_set() or self._issued >= self.max_requests or time.monotonic() > self.deadline:
-                return False
-            self._issued += 1
-            return True
-
-    def _closed_loop(self) -> None:
-        while self._take():
-            self._send(time.monotonic())
-
-    def _open_loop(self) -> None:
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="load") as pool:
-            index = 0
-            while self._take():
-                due = self.started + index / self.rate
-                delay = due - time.monotonic()
-                if delay > 0 and self._stop.wait(delay):
-                    break
-                pool.submit(self._send, due)
-                index += 1
+    def _client(self) -> None:
+        while not self._stop.is_set() and time.monotonic() < self.deadline:
+            self._send()
 
     def start(self) -> Load:
         self.started = time.monotonic()
         self.deadline = self.started + self.max_seconds
-        count = 1 if self.rate else self.concurrency
-        target = self._open_loop if self.rate else self._closed_loop
-        self._threads = [threading.Thread(target=target, daemon=True) for _ in range(count)]
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(self.concurrency)]
         for thread in self._threads:
             thread.start()
         return self
@@ -272,15 +245,7 @@ class Load:
         self._stop.set()
         for thread in self._threads:
             thread.join((self.retries + 1) * (self.timeout + 1) + 5)
-        self.stopped = time.monotonic()
         return self.calls
-
-    def run(self) -> list[Call]:
-        """Start, run until the time or request bound, stop."""
-        self.start()
-        for thread in self._threads:
-            thread.join(self.max_seconds + self.timeout + 5)
-        return self.stop()
 
     def __enter__(self) -> Load:
         return self.start()
@@ -289,19 +254,10 @@ class Load:
         self.stop()
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of values; nan when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
-def summarize(calls: list[Call], seconds: float | None = None) -> dict:
+def summarize(calls: list[Call]) -> dict:
     ok = [c for c in calls if c.ok]
     latencies = [c.latency * 1000 for c in ok]
-    if seconds is None:
-        seconds = (max(c.end for c in calls) - min(c.start for c in calls)) if calls else 0.0
+    seconds = (max(c.end for c in calls) - min(c.start for c in calls)) if calls else 0.0
     statuses: dict[str, int] = {}
     for c in calls:
         if not c.ok:
