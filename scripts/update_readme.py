@@ -22,6 +22,10 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def training_section(reports: Path) -> list[str]:
     runs = [json.loads(p.read_text()) for p in sorted((reports / "training").glob("*.json"))]
     if not runs:
@@ -32,7 +36,7 @@ def training_section(reports: Path) -> list[str]:
     ]
     for run in runs:
         lines.append(f"| {run['preset']} | {run['variant']} | {run.get('epochs', '')} | {run['val_accuracy']:.2%} "
-                     f"| {run['wall_time_s'] / 60:.1f} min | {run.get('machine', '')} "
+                     f"| {_duration(run['wall_time_s'])} | {run.get('machine', '')} "
                      f"| {run.get('note', '')} |")  # fmt: skip
     return lines
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -24,7 +25,8 @@ from training.inference import (
     prepare_for_inference,
 )
 from training.model import VARIANTS, build_model
-from training.preprocessing import CIFAR10_MEAN, CIFAR10_STD
+from training.preprocessing import CIFAR10_MEAN, CIFAR10_STD, normalize
+from training.train import BestSnapshot
 
 CLASSES = ["airplane", "automobile", "ship"]
 
@@ -204,6 +206,35 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 
 
+def test_best_snapshot_writes_at_most_every_interval_and_on_force(tmp_path):
+    path = tmp_path / "best.pt"
+    meta = ModelMeta("resnet18_fast", CLASSES, 32, list(CIFAR10_MEAN), list(CIFAR10_STD))
+    best = BestSnapshot(path, every_s=3600)
+    assert not best.save(force=True)  # nothing kept yet: nothing to write
+    model = build_model("resnet18_fast", 3)
+    meta.epoch = 1
+    best.keep(model, meta)
+    assert best.save() and load_checkpoint(path)[1].epoch == 1  # the first best is written at once
+    with torch.no_grad():
+        model.fc.bias.fill_(7.0)  # the kept copy must not follow the live model
+    meta.epoch = 2
+    best.keep(model, meta)
+    meta.epoch = 99  # nor later changes to the caller's metadata
+    assert not best.save() and load_checkpoint(path)[1].epoch == 1  # within the interval: kept in memory
+    assert best.save(force=True)  # the end of training, or Ctrl-C
+    rebuilt, saved_meta = load_checkpoint(path)
+    assert saved_meta.epoch == 2 and torch.equal(rebuilt.fc.bias, torch.full((3,), 7.0))
+    assert not best.save(force=True)  # already on disk
+
+
+def test_normalize_takes_per_channel_lists_or_tensors():
+    batch = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    from_lists = normalize(batch, list(CIFAR10_MEAN), list(CIFAR10_STD))
+    from_tensors = normalize(batch, torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD))
+    assert torch.equal(from_lists, from_tensors)
+    assert torch.allclose(from_lists[:, 0], (batch[:, 0].float() / 255 - CIFAR10_MEAN[0]) / CIFAR10_STD[0])
+
+
 def test_missing_or_foreign_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "nope.pt")
@@ -259,6 +290,24 @@ def test_training_is_reproducible(tmp_path, image_folder):
         assert result.returncode == 0, result.stderr
         outs.append(torch.load(out, weights_only=True)["state_dict"])
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_time_budget_plans_the_epochs_that_fit(tmp_path, image_folder):
+    out = tmp_path / "budget.pt"
+    result = run_cli(
+        PYTHON, "-m", "training.train", "--data", str(image_folder), "--out", str(out), "--preset", "gpu-fast",
+        "--device", "cpu", "--variant", "resnet18_imagenet", "--limit", "10", "--batch-size", "8",
+        "--time-budget", "0.1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    plan = re.search(r"time budget 6 s: ~([0-9.]+)s per epoch measured, training (\d+) epochs", result.stdout)
+    assert plan, result.stdout
+    per_epoch, epochs = float(plan[1]), int(plan[2])
+    assert epochs == 1 or epochs * per_epoch <= 6 * 0.9  # what is left after start-up, less the 10% reserve
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["epochs"] == epochs and summary["preset"] == "gpu-fast"
+    assert len(out.with_suffix(".log.jsonl").read_text().splitlines()) == epochs
+    assert 0 < summary["data_load_s"] <= summary["checkpoint_ready_s"] <= summary["wall_time_s"]
 
 
 def test_train_cli_errors_are_one_clear_line(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,12 +40,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing or not one of ours; the message says what to do."""
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: ModelMeta) -> None:
-    """Write atomically: a temp file in the same folder, then rename, so an interrupted save never
-    leaves a broken checkpoint where a good one was."""
+def save_checkpoint(path: str | Path, model: nn.Module | Mapping[str, torch.Tensor], meta: ModelMeta) -> None:
+    """Write a model (or a snapshot of its state dict) atomically: a temp file in the same folder, then
+    rename, so an interrupted save never leaves a broken checkpoint where a good one was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = model.state_dict() if isinstance(model, nn.Module) else model
+    state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     payload = {"format_version": FORMAT_VERSION, "meta": asdict(meta), "state_dict": state}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

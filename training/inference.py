@@ -69,6 +69,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, mean, std, batch_size
     weight = next(model.parameters())
     # A float32 model on a GPU (training) runs under bf16 autocast; a prepared bf16 model needs none.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=weight.is_cuda and weight.dtype == torch.float32)
+    mean, std = (torch.as_tensor(v, dtype=torch.float32, device=weight.device) for v in (mean, std))
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = normalize(images[start : start + batch_size].to(weight.device, non_blocking=True), mean, std)

@@ -87,9 +87,11 @@ def pil_to_uint8(image: Image.Image, size: int = IMAGE_SIZE) -> torch.Tensor:
 
 
 def normalize(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 N x 3 x H x W (any device) -> normalized float32: the model's input."""
-    mean_t = torch.tensor(mean, device=batch_uint8.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=batch_uint8.device).view(1, 3, 1, 1)
+    """uint8 N x 3 x H x W (any device) -> normalized float32: the model's input. mean and std are
+    per-channel sequences, or float32 tensors already on the batch's device (no copy: a training loop on a
+    GPU passes those, since copying a list to the GPU every step would wait for the GPU each time)."""
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=batch_uint8.device).view(1, 3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=batch_uint8.device).view(1, 3, 1, 1)
     return (batch_uint8.float() / 255.0 - mean_t) / std_t
 
 
