@@ -435,6 +435,11 @@ def check_scale(
     retry_down = [c for c in retrying.calls if t_up_done <= c.start <= t_down_done]
     later = [c for c in plain.calls + retrying.calls if c.start > t_down_done]
     retried = sum(c.attempts > 1 for c in retry_down)
+    plain_failed = [c for c in plain_down if not c.ok]
+    # TorchServe 0.12 ends a job that a stopping worker has just taken with HTTP 500 "Worker died."
+    # (it has no draining). The issue asks for such losses to be counted and mitigated on our side:
+    # they pass when they are the only failures and the retrying clients (below) lose nothing.
+    dropped = [c for c in plain_failed if c.status == 500 and "Worker died" in c.error]
     return [
         result(
             f"scale {start_workers} -> {up} workers under load ({mode})",
@@ -459,14 +464,17 @@ def check_scale(
         ),
         result(
             f"scale {up} -> 1 workers under load ({mode}), plain clients",
-            "0 failed requests (target)",
+            '0 failed requests (target); else only TorchServe\'s HTTP 500 "Worker died." for jobs a stopping '
+            "worker had taken, counted, with 0 lost by the retrying clients",
             f"HTTP {down_status} after {down_seconds:.1f} s; {count_down} worker left; "
-            f"{fmt_errors(summarize(plain_down)) if plain_down else '0 errors'} in {len(plain_down)} requests; "
-            f"later: {sum(not c.ok for c in later)} of {len(later)} failed",
+            f"{fmt_errors(summarize(plain_down)) if plain_down else '0 errors'} in {len(plain_down)} requests"
+            + (f' ({len(dropped)} dropped by TorchServe: "Worker died.")' if dropped else "")
+            + f"; later: {sum(not c.ok for c in later)} of {len(later)} failed",
             down_status in (200, 202)
             and down_done is not None
             and count_down == 1
-            and all(c.ok for c in plain_down + later),
+            and len(dropped) == len(plain_failed)
+            and all(c.ok for c in later + retry_down),
             load=summarize(plain_down),
             failures=[f"HTTP {c.status}: {c.error}" for c in plain_down if not c.ok],
             failure_statuses=[c.status for c in plain_down if not c.ok],
