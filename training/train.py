@@ -211,6 +211,49 @@ class BestSnapshot:
         return True
 
 
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    recipe: Recipe,
+    gen: torch.Generator,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    desc: str,
+) -> tuple[float, float, int]:
+    """One pass over the shuffled training images (the last partial batch dropped), augmented on their
+    device: (mean loss, accuracy, images seen). Nothing in the loop waits for a GPU: losses and hits
+    are summed on the device and read once at the end."""
+    device = images.device
+    model.train()
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    order = torch.randperm(len(images), generator=gen, device=device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    seen = 0
+    steps = max(1, len(images) // recipe.batch_size)
+    for step in tqdm(range(steps), desc=desc, unit="batch", disable=None, leave=False):
+        idx = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
+        inputs = normalize(augment(images[idx], recipe, gen), mean, std).contiguous(memory_format=memory_format(device))
+        targets = labels[idx]
+        with autocast:
+            outputs = model(inputs)
+            loss = criterion(outputs.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * len(idx)
+        correct += (outputs.argmax(1) == targets).sum()
+        seen += len(idx)
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # the steps above were only queued
+    return loss_sum.item() / seen, correct.item() / seen, seen
+
+
 def evaluate_split(
     model: nn.Module, data: Dataset, mean, std, label_smoothing: float
 ) -> tuple[float, float, torch.Tensor]:
@@ -309,8 +352,6 @@ def train(args: argparse.Namespace) -> dict:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(  # needs a few steps per phase: pad tiny runs
         optimizer, max_lr=recipe.lr, total_steps=max(8, recipe.epochs * steps_per_epoch), pct_start=recipe.warmup
     )
-    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     meta = ModelMeta(
         variant=recipe.variant,
@@ -338,38 +379,25 @@ def train(args: argparse.Namespace) -> dict:
     best = BestSnapshot(args.out)
     try:
         for epoch in range(1, recipe.epochs + 1):
-            model.train()
             epoch_start = time.perf_counter()
-            order = torch.randperm(len(train_set), generator=gen, device=device)
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device)
-            seen = 0
-            bar = tqdm(
-                range(steps_per_epoch), desc=f"epoch {epoch}/{recipe.epochs}", unit="batch", disable=None, leave=False
+            train_loss, train_acc, seen = train_epoch(
+                model,
+                optimizer,
+                scheduler,
+                train_images,
+                train_labels,
+                recipe,
+                gen,
+                mean_t,
+                std_t,
+                f"epoch {epoch}/{recipe.epochs}",
             )
-            for step in bar:
-                idx = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
-                batch = augment(train_images[idx], recipe, gen)
-                inputs = normalize(batch, mean_t, std_t).contiguous(memory_format=memory_format(device))
-                targets = train_labels[idx]
-                with autocast:
-                    outputs = model(inputs)
-                    loss = criterion(outputs.float(), targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                loss_sum += loss.detach() * len(idx)
-                correct += (outputs.argmax(1) == targets).sum()
-                seen += len(idx)
-            if device.type == "cuda":
-                torch.cuda.synchronize()  # the steps above were only queued
             train_time = time.perf_counter() - epoch_start
             val_loss, val_acc, _ = evaluate_split(model, val_set, mean, std, recipe.label_smoothing)
             record = {
                 "epoch": epoch,
-                "train_loss": round(loss_sum.item() / seen, 5),
-                "train_acc": round(correct.item() / seen, 5),
+                "train_loss": round(train_loss, 5),
+                "train_acc": round(train_acc, 5),
                 "val_loss": round(val_loss, 5),
                 "val_acc": round(val_acc, 5),
                 "lr": round(scheduler.get_last_lr()[0], 6),
