@@ -384,6 +384,11 @@ def scale(
     return response.status_code, time.monotonic() - started
 
 
+# A synchronous scale-up answers once the new workers are READY: 9-16 s for 2 more workers under load
+# on 2 cores in our runs. Longer means workers start too slowly, not just TorchServe's blocking PUT.
+SYNC_SCALE_UP_LIMIT_S = 20.0
+
+
 def check_scale(
     server: Server,
     payload: bytes,
@@ -405,6 +410,7 @@ def check_scale(
 
     mode = f"synchronous={str(synchronous).lower()}"
     start_workers = len(workers(server))
+    batch_size = int(describe_model(server).get("batchSize") or 1)
     plain = Load(server, payload, concurrency=clients, max_seconds=900)
     retrying = Load(server, payload, concurrency=retry_clients, max_seconds=900, timeout=retry_timeout, retries=3)
     with plain, retrying:
@@ -438,8 +444,10 @@ def check_scale(
     plain_failed = [c for c in plain_down if not c.ok]
     # TorchServe 0.12 ends a job that a stopping worker has just taken with HTTP 500 "Worker died."
     # (it has no draining). The issue asks for such losses to be counted and mitigated on our side:
-    # they pass when they are the only failures and the retrying clients (below) lose nothing.
+    # they pass when they are the only failures, no more than the stopping workers' batches can hold,
+    # and the retrying clients (the next row) lose nothing.
     dropped = [c for c in plain_failed if c.status == 500 and "Worker died" in c.error]
+    drop_bound = (up - 1) * batch_size
     return [
         result(
             f"scale {start_workers} -> {up} workers under load ({mode})",
@@ -456,16 +464,17 @@ def check_scale(
         # synchronous=true is therefore the PUT itself (README: scale with synchronous=false under load).
         result(
             f"scale up ({mode}): longest client wait",
-            "no longer than the synchronous PUT (+1 s): TorchServe holds its netty thread"
+            f"no longer than the synchronous PUT (+1 s: TorchServe holds its netty thread), which ends within "
+            f"{SYNC_SCALE_UP_LIMIT_S:.0f} s"
             if synchronous
             else "< 10 s (no client stalls while workers start)",
             f"{longest:.1f} s" + (f"; the PUT took {up_seconds:.1f} s" if synchronous else ""),
-            longest <= up_seconds + 1 if synchronous else longest < 10,
+            longest <= up_seconds + 1 and up_seconds <= SYNC_SCALE_UP_LIMIT_S if synchronous else longest < 10,
         ),
         result(
             f"scale {up} -> 1 workers under load ({mode}), plain clients",
-            '0 failed requests (target); else only TorchServe\'s HTTP 500 "Worker died." for jobs a stopping '
-            "worker had taken, counted, with 0 lost by the retrying clients",
+            '0 failed requests (target); else only TorchServe\'s HTTP 500 "Worker died." for jobs the '
+            f"stopping workers had taken (at most {up - 1} x batch {batch_size}), counted, and mitigated by retries",
             f"HTTP {down_status} after {down_seconds:.1f} s; {count_down} worker left; "
             f"{fmt_errors(summarize(plain_down)) if plain_down else '0 errors'} in {len(plain_down)} requests"
             + (f' ({len(dropped)} dropped by TorchServe: "Worker died.")' if dropped else "")
@@ -473,8 +482,8 @@ def check_scale(
             down_status in (200, 202)
             and down_done is not None
             and count_down == 1
-            and len(dropped) == len(plain_failed)
-            and all(c.ok for c in later + retry_down),
+            and len(dropped) == len(plain_failed) <= drop_bound
+            and all(c.ok for c in later),
             load=summarize(plain_down),
             failures=[f"HTTP {c.status}: {c.error}" for c in plain_down if not c.ok],
             failure_statuses=[c.status for c in plain_down if not c.ok],
