@@ -3,7 +3,7 @@
     .venv/bin/python scripts/update_readme.py          # rewrite README.md
     .venv/bin/python scripts/update_readme.py --check  # exit 1 if README.md is out of date
 
-Sources: reports/training/*.json (training summaries), reports/eval/metrics.json,
+Sources: reports/training/*.json (training summaries), reports/eval*/metrics.json,
 reports/benchmark.json and reports/reliability.md.
 """
 
@@ -42,22 +42,29 @@ def training_section(reports: Path) -> list[str]:
 
 
 def eval_section(reports: Path) -> list[str]:
-    metrics = _load(reports / "eval" / "metrics.json")
-    if not metrics:
+    """One block per evaluation report: reports/eval (the served checkpoint), then reports/eval-*."""
+    folders = [f for f in [reports / "eval", *sorted(reports.glob("eval-*"))] if (f / "metrics.json").is_file()]
+    if not folders:
         return ["No evaluation report yet (reports/eval/)."]
-    lines = [
-        f"Accuracy **{metrics['accuracy']:.2%}** on {metrics['n']} images of `{metrics.get('data', '?')}`, "
-        f"expected calibration error {metrics['ece']:.4f} (temperature {metrics['temperature']}).",
-        "",
-        "| class | precision | recall | F1 | support |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, row in metrics["per_class"].items():
-        lines.append(
-            f"| {name} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1-score']:.4f} | {row['support']} |"
-        )
-    lines += ["", "![Confusion matrix](reports/eval/confusion_matrix.png)"]
-    return lines
+    lines: list[str] = []
+    for folder in folders:
+        metrics = _load(folder / "metrics.json")
+        where = folder.relative_to(reports.parent).as_posix()
+        lines += [
+            f"#### `{where}`: {metrics.get('variant', '?')}, {metrics.get('dtype', '?')}",
+            "",
+            f"Accuracy **{metrics['accuracy']:.2%}** on {metrics['n']} images of `{metrics.get('data', '?')}`, "
+            f"expected calibration error {metrics['ece']:.4f} (temperature {metrics['temperature']}).",
+            "",
+            "| class | precision | recall | F1 | support |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, row in metrics["per_class"].items():
+            lines.append(
+                f"| {name} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1-score']:.4f} | {row['support']} |"
+            )
+        lines += ["", f"![Confusion matrix]({where}/confusion_matrix.png)", ""]
+    return lines[:-1]
 
 
 def benchmark_section(reports: Path) -> list[str]:
