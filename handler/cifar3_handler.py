@@ -23,7 +23,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from training.checkpoint import load_checkpoint
-from training.inference import as_model_input, calibrated_probs, inference_dtype, prepare_for_inference
+from training.inference import as_model_input, calibrated_probs, dtype_name, inference_dtype, prepare_for_inference
 from training.preprocessing import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, eval_transform
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class Cifar3Handler(BaseHandler):
                 "trained": meta.created,
                 "epoch": meta.epoch,
                 "device": str(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."),
+                "dtype": dtype_name(self.dtype),
                 "max_image_pixels": self.max_pixels,
             }
         )

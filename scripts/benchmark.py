@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from scripts.loadgen import run_load  # noqa: E402
 from scripts.serve import Server, start_server  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
-from training.inference import as_model_input, inference_dtype, prepare_for_inference  # noqa: E402
+from training.inference import as_model_input, dtype_name, inference_dtype, prepare_for_inference  # noqa: E402
 from training.preprocessing import decode_image, eval_transform  # noqa: E402
 
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "cifar3" / "train"
@@ -127,6 +127,7 @@ def in_process(
     best = max(rates, key=rates.get)
     return {
         "threads": threads,
+        "dtype": dtype_name(next(model.parameters()).dtype),  # what "auto" resolved to here
         "variant": meta.variant,
         "images_per_s_by_batch": {str(k): round(v, 1) for k, v in rates.items()},
         "best_batch": best,
@@ -239,7 +240,7 @@ def markdown(report: dict) -> str:
         f"# cifar3 benchmark ({report['date']})",
         "",
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; torch {report['machine']['torch']}. "
-        f"Model: {ip['variant']} from `{report['checkpoint']}`, {ip.get('dtype', 'float32')}; in-process with "
+        f"Model: {ip['variant']} from `{report['checkpoint']}`, {ip['dtype']}; in-process with "
         f"{ip['threads']} torch threads.",
         "",
         "## In-process (the machine's limit for this model)",
@@ -333,7 +334,6 @@ def main(argv: list[str] | None = None) -> int:
     worker_threads, dtype = int(options.get("torch_threads") or args.threads), str(options.get("dtype", "auto"))
     print(f"in-process: {args.checkpoint} on {len(images)} images ...", flush=True)
     inproc = in_process(args.checkpoint, dtype, images, args.threads, worker_threads, args.in_process_seconds)
-    inproc["dtype"] = str(inference_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")
     workers, batch_size = int(model_config.get("minWorkers", 1)), int(model_config.get("batchSize", 1))
     loop_seconds, cores = max(1.0, 2 * args.in_process_seconds), os.cpu_count() or 1
     side = inproc["side_by_side"] = side_by_side(

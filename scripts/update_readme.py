@@ -81,14 +81,10 @@ def benchmark_section(reports: Path) -> list[str]:
 def one_benchmark(bench: dict) -> list[str]:
     ip = bench["in_process"]
     lines = [
-        f"Model `{ip['variant']}` from `{Path(bench['checkpoint']).name}`, {ip.get('dtype', 'float32')}. "
+        f"Model `{ip['variant']}` from `{Path(bench['checkpoint']).name}`, {ip['dtype']}. "
         f"Machine: {bench['machine']['cpu']}, {bench['machine']['cores']} cores, {bench['date']}. "
-        + (
-            f"Machine's limit: **{limit['images_per_s']} img/s** ({limit['from']}); "
-            if (limit := ip.get("limit"))
-            else f"In-process limit: **{ip['batched_images_per_s']} img/s** (batch {ip['best_batch']}); "
-        )
-        + f"batch-1 forward {ip['batch1_forward_p50_ms']} ms.",
+        f"Machine's limit: **{ip['limit']['images_per_s']} img/s** ({ip['limit']['from']}); "
+        f"batch-1 forward {ip['batch1_forward_p50_ms']} ms.",
         "",
         f"With {ip.get('worker_threads', ip['threads'])} torch thread(s), as each worker runs: "
         + ", ".join(f"batch {b}: {r} img/s" for b, r in ip.get("images_per_s_by_batch_worker_threads", {}).items())
@@ -107,9 +103,9 @@ def one_benchmark(bench: dict) -> list[str]:
         cores = " / ".join(str(r.get("cpu_cores", {}).get(k, "?")) for k in ("frontend", "workers", "client"))
         lines.append(f"| {r['concurrency']} | {r['images_per_s']} | {r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} "
                      f"| {r['errors']} | {cores} |")  # fmt: skip
-    if floor := bench.get("worker_round_trip"):
-        lines += ["", f"TorchServe's round trip with no model work (describe through a worker, c=1): "
-                      f"p50 {floor['p50_ms']} ms, p99 {floor['p99_ms']} ms."]  # fmt: skip
+    floor = bench["worker_round_trip"]
+    lines += ["", f"TorchServe's round trip with no model work (describe through a worker, c=1): "
+                  f"p50 {floor['p50_ms']} ms, p99 {floor['p99_ms']} ms."]  # fmt: skip
     lines += ["", "| target | wanted | measured | met | best any server could measure here |", "|---|---|---|---|---|"]
     for c in bench["checks"]:
         lines.append(f"| {c['check']} | {c['target']} | {c['measured']} | {'yes' if c['met'] else 'no'} "

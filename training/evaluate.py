@@ -24,7 +24,14 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 
 from training.checkpoint import CheckpointError, ModelMeta, load_checkpoint
 from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, limit_per_class, load_split, stratified_split
-from training.inference import DTYPES, calibrated_probs, inference_dtype, predict_logits, prepare_for_inference
+from training.inference import (
+    DTYPES,
+    calibrated_probs,
+    dtype_name,
+    inference_dtype,
+    predict_logits,
+    prepare_for_inference,
+)
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dtype = inference_dtype(args.dtype, torch.device(args.device))
     metrics, probs = evaluate(prepare_for_inference(model, dtype), meta, data.images, data.labels)
-    metrics["data"], metrics["dtype"] = data.source, str(dtype).removeprefix("torch.")
+    metrics["data"], metrics["dtype"] = data.source, dtype_name(dtype)
     args.report_dir.mkdir(parents=True, exist_ok=True)
     y_pred = probs.argmax(1)
     print(f"{data.source}: {metrics['n']} images, {metrics['dtype']}, accuracy {metrics['accuracy']:.4f}, "

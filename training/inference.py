@@ -38,6 +38,11 @@ def inference_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name reports and the describe API use: "bfloat16", "float32" (the keys of DTYPES)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def memory_format(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.memory_format:
     """channels_last on a GPU and for bfloat16 (the layout oneDNN's AMX kernels want); plain NCHW for
     float32 on CPU, where oneDNN ran these 32x32 convolutions 15-25% faster than channels_last at batch 8

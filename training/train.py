@@ -145,26 +145,56 @@ def augment(images: torch.Tensor, recipe: Recipe, gen: torch.Generator) -> torch
     return images
 
 
+def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum; weight decay on weights only, not on biases and norm scales; on a GPU
+    the fused kernel (one launch for the whole update)."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr,
+        momentum=0.9,
+        nesterov=True,
+        fused=next(model.parameters()).is_cuda,
+    )
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    recipe: Recipe,
+    gen: torch.Generator,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a uint8 batch, augmented and normalized on its device, bf16 autocast on a
+    GPU: (loss, logits), both still on the device (reading them would wait for the GPU)."""
+    device = images.device
+    inputs = normalize(augment(images, recipe, gen), mean, std).contiguous(memory_format=memory_format(device))
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        outputs = model(inputs)
+        loss = criterion(outputs.float(), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), outputs.detach()
+
+
 def probe_epoch_seconds(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, mean, std, val: Dataset
 ) -> float:
     """Seconds one epoch (training + validation) will take here, timed on a throwaway copy of the model."""
     probe = copy.deepcopy(model).train()
-    fused = images.device.type == "cuda"
-    optimizer = torch.optim.SGD(probe.parameters(), lr=0.0, momentum=0.9, nesterov=True, fused=fused)  # as trained
+    optimizer = build_optimizer(probe, recipe)  # the same update as in training
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     gen = torch.Generator(images.device).manual_seed(0)
     batch = min(recipe.batch_size, len(images))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.device.type == "cuda")
 
     def step() -> None:
-        inputs = normalize(augment(images[:batch], recipe, gen), mean, std).contiguous(
-            memory_format=memory_format(images.device)
-        )
-        with autocast:
-            loss = nn.functional.cross_entropy(probe(inputs).float(), labels[:batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(probe, optimizer, criterion, images[:batch], labels[:batch], recipe, gen, mean, std)
 
     def sync() -> None:
         if images.device.type == "cuda":
@@ -246,7 +276,6 @@ def train_epoch(
     device = images.device
     model.train()
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     order = torch.randperm(len(images), generator=gen, device=device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -254,16 +283,10 @@ def train_epoch(
     steps = max(1, len(images) // recipe.batch_size)
     for step in tqdm(range(steps), desc=desc, unit="batch", disable=None, leave=False):
         idx = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
-        inputs = normalize(augment(images[idx], recipe, gen), mean, std).contiguous(memory_format=memory_format(device))
         targets = labels[idx]
-        with autocast:
-            outputs = model(inputs)
-            loss = criterion(outputs.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, outputs = train_step(model, optimizer, criterion, images[idx], targets, recipe, gen, mean, std)
         scheduler.step()
-        loss_sum += loss.detach() * len(idx)
+        loss_sum += loss * len(idx)
         correct += (outputs.argmax(1) == targets).sum()
         seen += len(idx)
     if device.type == "cuda":
@@ -346,15 +369,7 @@ def train(args: argparse.Namespace) -> dict:
     mean_t, std_t = torch.tensor(mean, device=device), torch.tensor(std, device=device)  # copied once, not per step
 
     model = build_model(recipe.variant, len(classes)).to(device, memory_format=memory_format(device))
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]  # biases and norm scales
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.lr,
-        momentum=0.9,
-        nesterov=True,
-        fused=device.type == "cuda",  # one kernel for the whole update
-    )
+    optimizer = build_optimizer(model, recipe)
     steps_per_epoch = max(1, len(train_set) // recipe.batch_size)  # drop the last partial batch
     if recipe.time_budget_min:
         budget = recipe.time_budget_min * 60
