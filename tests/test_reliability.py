@@ -84,10 +84,13 @@ def test_a_malformed_request_fails_alone_not_its_batch(server, payload):
 def test_soak_at_80_percent_of_saturation(server, payload):
     seconds = 60.0 if FULL else 15.0
     rows = rel.check_soak(server, payload, seconds=seconds, saturation_seconds=8.0 if FULL else 5.0,
-                          low_seconds=10.0 if FULL else 5.0, sweep=(0.5,) if FULL else ())  # fmt: skip
+                          low_seconds=10.0 if FULL else 5.0, sweep=(0.5,) if FULL else (),
+                          probe_seconds=1.0)  # fmt: skip
     assert_passed(rows, "saturation")
     assert_passed(rows, "open loop at")  # the soak itself: 0 errors
     assert_passed(rows, "memory growth")
+    latency = next(r for r in rows if r["check"] == "load: soak latency")
+    assert latency["machine"]["seconds"] == 1.0 and "machine: plain code ran below 50% speed" in latency["measured"]
     # "p99 <= 2x its low-load value" is measured and reported (the row is in ``rows``; the script's
     # table shows it) but not asserted: at 80 % of saturation the 2 cores are ~95 % busy (open-loop
     # batches are smaller, so each image costs more than at saturation) and a request waits for one

@@ -1,0 +1,68 @@
+"""scripts/cpuprobe.py: the machine-steadiness probe the reliability soak reports beside its latency.
+
+The analysis is checked on hand-made counts; the counting process is checked for real by stopping it
+(SIGSTOP) for a known time, which must show up as one slow episode of about that length.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from conftest import PYTHON, ROOT, run_cli
+
+from scripts import cpuprobe
+
+
+def test_windows_below_half_of_full_speed_are_slow():
+    counts = [100] * 18 + [40, 60]  # full speed: the 90th-percentile count, 100
+    assert cpuprobe.slow_windows(counts) == [False] * 18 + [True, False]
+    assert cpuprobe.slow_windows([]) == []
+
+
+def test_consecutive_slow_windows_make_one_episode():
+    slow = [False, True, True, True, False, False, True]
+    assert cpuprobe.episodes(slow, window_s=0.01) == [(0.01, 0.03), (0.06, 0.01)]
+    assert cpuprobe.episodes([False] * 5) == []
+
+
+def test_summary_counts_slow_windows_per_cpu_and_together():
+    full, dip = [100] * 20, [100] * 10 + [5, 5, 5] + [100] * 7
+    summary = cpuprobe.summarize({0: dip, 1: [100] * 11 + [5] + [100] * 8}, window_s=0.01)
+    assert summary["seconds"] == 0.2
+    assert summary["slow_fraction"] == 4 / 40
+    assert summary["longest_ms"] == 30
+    assert summary["episodes"] == {"0": [(0.1, 0.03)], "1": [(0.11, 0.01)]}
+    assert summary["together"] == round(1 / 3, 2)  # window 11 is slow on both; 10 and 12 on CPU 0 only
+    steady = cpuprobe.summarize({0: full, 1: full})
+    assert steady["slow_fraction"] == 0 and steady["together"] is None and steady["longest_ms"] == 0
+    assert "below 50% speed in 0.0% of 10-ms windows" in cpuprobe.describe(steady)
+
+
+def test_a_stopped_counter_shows_one_episode_as_long_as_the_stop():
+    """A real counting process, stopped for 0.3 s from 0.8 s on: the probe must see one slow episode there."""
+    start_at = time.monotonic() + 1.0
+    command = cpuprobe.counter_command(min(os.sched_getaffinity(0)), 2.0, start_at)
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    time.sleep(max(0.0, start_at + 0.8 - time.monotonic()))
+    proc.send_signal(signal.SIGSTOP)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGCONT)
+    counts = json.loads(proc.communicate(timeout=30)[0])
+    assert len(counts) == 200
+    assert counts[85:105] == [0] * 20  # stopped: nothing counted, and the clock moved on
+    assert sum(c > 0 for c in counts) > 150
+    runs = cpuprobe.episodes(cpuprobe.slow_windows(counts))
+    # one episode covers the stop (the host's own slow episodes may lengthen it, never split it)
+    assert any(begin <= 0.85 and begin + length >= 1.05 for begin, length in runs), runs
+
+
+def test_cli_prints_one_line_and_refuses_a_bad_length():
+    done = run_cli(PYTHON, "-m", "scripts.cpuprobe", "--seconds", "0.5", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("plain code ran below 50% speed in ") and "0.5 s idle probe" in done.stdout
+    bad = run_cli(PYTHON, "-m", "scripts.cpuprobe", "--seconds", "0", timeout=60)
+    assert bad.returncode == 2 and "--seconds must be positive" in bad.stderr
