@@ -101,15 +101,24 @@ def probe(seconds: float = 10.0, cpus: list[int] | None = None) -> dict:
     cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
     start_at = time.monotonic() + 0.5  # every process starts counting on the same 10 ms boundary
     procs = {
-        cpu: subprocess.Popen(counter_command(cpu, seconds, start_at), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        cpu: subprocess.Popen(
+            counter_command(cpu, seconds, start_at), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for cpu in cpus
     }
     per_cpu = {}
-    for cpu, proc in procs.items():
-        out, _ = proc.communicate(timeout=seconds + 60)
-        if proc.returncode != 0:
-            raise RuntimeError(f"cpu probe on CPU {cpu} exited with {proc.returncode}")
-        per_cpu[cpu] = json.loads(out)
+    try:
+        for cpu, proc in procs.items():
+            out, err = proc.communicate(timeout=seconds + 60)
+            if proc.returncode != 0:
+                last = err.strip().splitlines()[-1] if err.strip() else "no message"
+                raise RuntimeError(f"cpu probe on CPU {cpu} exited with {proc.returncode}: {last}")
+            per_cpu[cpu] = json.loads(out)
+    finally:  # none left counting after an error
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return summarize(per_cpu)
 
 

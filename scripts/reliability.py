@@ -16,7 +16,8 @@ same functions tests/test_reliability.py asserts on):
   than the response timeout; a corrupt and a truncated .mar at start-up; stop/start cycles
   (no snapshot restored, no processes left behind);
 * load: saturation rate (closed loop, concurrency 16), then an open-loop soak at 80 % of it:
-  errors, p50/p90/p99 against low load, worker memory growth;
+  errors, p50/p90/p99 against low load, worker memory growth; beside them, how steadily the idle
+  machine runs plain code (scripts/cpuprobe.py);
 * security: listening sockets on loopback only, token checks, key file mode, model
   registration refused, allowed_urls admits no remote URL, oversized uploads refused.
 
@@ -812,7 +813,11 @@ def check_soak(
     The load comes from scripts/loadgen.py's single thread (not the threaded ``requests`` clients of
     the fault checks): at hundreds of requests per second those cost the server a good part of a core
     and added their own GIL waits to the latencies being compared."""
-    steadiness = cpuprobe.probe(probe_seconds)
+    try:  # a diagnostic: if it cannot run, the soak still does
+        steadiness = cpuprobe.probe(probe_seconds)
+        machine = cpuprobe.describe(steadiness)
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
+        steadiness, machine = None, f"probe failed ({exc.__class__.__name__}: {exc})"
     saturation = measure_saturation(server, payload, saturation_seconds)
     low_rate = round(max(1.0, low_fraction * saturation["rps"]), 1)
     low = soak_load(server, payload, low_seconds, rate=low_rate, concurrency=8)
@@ -846,7 +851,7 @@ def check_soak(
             f"p50 {soak['p50_ms']:.0f} / p90 {soak['p90_ms']:.0f} / p99 {soak['p99_ms']:.0f} ms "
             f"(low load: p50 {low['p50_ms']:.0f} / p90 {low['p90_ms']:.0f} / p99 {low['p99_ms']:.0f} ms"
             + "".join(f"; p99 at {f:.0%}: {s['p99_ms']:.0f} ms" for f, s in swept.items())
-            + f"); machine: {cpuprobe.describe(steadiness)}",
+            + f"); machine: {machine}",
             soak["p99_ms"] <= 2 * low["p99_ms"] and low["errors"] == 0,
             low=low,
             sweep={f"{f:.0%}": s for f, s in swept.items()},

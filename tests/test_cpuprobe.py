@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 from conftest import PYTHON, ROOT, run_cli
 
 from scripts import cpuprobe
@@ -66,3 +67,8 @@ def test_cli_prints_one_line_and_refuses_a_bad_length():
     assert done.stdout.startswith("plain code ran below 50% speed in ") and "0.5 s idle probe" in done.stdout
     bad = run_cli(PYTHON, "-m", "scripts.cpuprobe", "--seconds", "0", timeout=60)
     assert bad.returncode == 2 and "--seconds must be positive" in bad.stderr
+
+
+def test_a_counter_that_cannot_run_is_reported_with_its_reason():
+    with pytest.raises(RuntimeError, match=r"CPU 4095 exited with 1: OSError"):
+        cpuprobe.probe(0.2, cpus=[4095])  # no such CPU: sched_setaffinity refuses it
