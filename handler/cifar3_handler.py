@@ -22,9 +22,9 @@ import time
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from training.checkpoint import load_checkpoint
-from training.inference import as_model_input, calibrated_probs, dtype_name, inference_dtype, prepare_for_inference
-from training.preprocessing import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, eval_transform
+from cifar3.checkpoint import load_checkpoint
+from cifar3.inference import as_model_input, calibrated_probs, dtype_name, inference_dtype, prepare_for_inference
+from cifar3.preprocessing import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, eval_transform
 
 logger = logging.getLogger(__name__)
 

@@ -3,9 +3,8 @@
 #
 #   scripts/archive.sh [CHECKPOINT]        (default: checkpoints/cifar3.pt)
 #
-# The archive is self-contained: the handler, the shared training modules it imports
-# (model, preprocessing, checkpoint, inference), index_to_name.json generated from the
-# checkpoint's classes, and handler/model-config.yaml. A plain TorchServe with torch,
+# The archive is self-contained: the handler, the serving core package it imports (cifar3/),
+# and handler/model-config.yaml; the classes and every other constant come from the checkpoint. A plain TorchServe with torch,
 # torchvision, pillow and pyyaml serves it. Env: MODEL_STORE (default model_store), MODEL_NAME,
 # MODEL_CONFIG (default handler/model-config.yaml; the benchmark compares settings with it).
 set -euo pipefail
@@ -26,21 +25,18 @@ command -v torch-model-archiver >/dev/null || PATH="$root/.venv/bin:$PATH"
 
 stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT
-# The handler imports `training.<module>`: keep the package folder inside the staged extra files
+# The handler imports `cifar3.<module>`: keep the package folder inside the staged extra files
 # (torch-model-archiver copies a folder's contents to the archive root, which is on sys.path).
-mkdir -p "$stage/extra/training"
-for module in __init__ model preprocessing checkpoint inference; do
-  cp "$root/training/$module.py" "$stage/extra/training/"
-done
-# index_to_name.json from the checkpoint itself (also validates that it loads).
-PYTHONPATH="$root" "$python" - "$checkpoint" "$stage/extra/index_to_name.json" <<'PY'
-import json, sys
-from training.checkpoint import CheckpointError, load_checkpoint
+mkdir -p "$stage/extra/cifar3"
+cp "$root"/cifar3/*.py "$stage/extra/cifar3/"
+# Refuse a checkpoint that does not load, before anything is written.
+"$python" - "$checkpoint" <<'PY'
+import sys
+from cifar3.checkpoint import CheckpointError, load_checkpoint
 try:
     _, meta = load_checkpoint(sys.argv[1])
 except CheckpointError as exc:
     sys.exit(f"error: {exc}")
-json.dump({str(i): name for i, name in enumerate(meta.classes)}, open(sys.argv[2], "w"))
 print(f"checkpoint: {meta.variant}, classes {meta.classes}, validation accuracy {meta.val_accuracy}")
 PY
 cp "$checkpoint" "$stage/$model_name.pt"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One-time (idempotent) set-up: Java 17 for TorchServe, .venv with the pinned requirements.
+# One-time (idempotent) set-up: Java 17 for TorchServe, .venv with the project and its pinned dependencies.
 #
-#   scripts/setup.sh            # runtime + test tools (requirements-dev.txt)
+#   scripts/setup.sh            # the project, editable, with every role's dependencies (pyproject.toml [dev])
 #   scripts/setup.sh --browser  # also headless Chromium + chromedriver for the browser test
 #
 # As root on Debian/Ubuntu it installs missing system packages with apt-get; otherwise it stops
@@ -38,11 +38,11 @@ if [ ! -x .venv/bin/python ]; then
   say "creating .venv with $(python3 --version)"
   python3 -m venv .venv
 fi
-stamp=.venv/.requirements.sha256
-want="$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)"
+stamp=.venv/.pyproject.sha256
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  say "installing pinned requirements into .venv (first time: several minutes)"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+  say "installing the project and its pinned dependencies into .venv (first time: several minutes)"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
   echo "$want" > "$stamp"
 else
   say ".venv is up to date"

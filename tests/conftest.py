@@ -9,14 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from synthetic import write_cifar_batches, write_image_folder
+
+from scripts.serve import Server, free_ports, start_server, write_server_config  # noqa: F401  (re-exported for tests)
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from synthetic import write_cifar_batches, write_image_folder  # noqa: E402
-
-from scripts.serve import Server, free_ports, start_server, write_server_config  # noqa: E402, F401  (re-exported for tests)
 
 PYTHON = sys.executable
 ARTIFACTS = ROOT / "test-artifacts"
@@ -33,7 +30,7 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 600, env: dict | None
         text=True,
         timeout=timeout,
         check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        env={**os.environ, **(env or {})},
     )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.classes import CIFAR10_CLASSES
+from cifar3.classes import CIFAR10_CLASSES
 
 COLOURS = {"airplane": (40, 90, 220), "automobile": (220, 40, 40), "ship": (40, 200, 60)}
 

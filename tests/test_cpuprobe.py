@@ -1,4 +1,4 @@
-"""scripts/cpuprobe.py: the machine-steadiness probe the reliability soak reports beside its latency.
+"""bench/cpuprobe.py: the machine-steadiness probe the reliability soak reports beside its latency.
 
 The analysis is checked on hand-made counts; the counting process is checked for real by stopping it
 (SIGSTOP) for a known time, which must show up as one slow episode of about that length.
@@ -15,7 +15,7 @@ import time
 import pytest
 from conftest import PYTHON, ROOT, run_cli
 
-from scripts import cpuprobe
+from bench import cpuprobe
 
 
 def test_windows_below_half_of_full_speed_are_slow():
@@ -62,10 +62,10 @@ def test_a_stopped_counter_shows_one_episode_as_long_as_the_stop():
 
 
 def test_cli_prints_one_line_and_refuses_a_bad_length():
-    done = run_cli(PYTHON, "-m", "scripts.cpuprobe", "--seconds", "0.5", timeout=60)
+    done = run_cli(PYTHON, "-m", "bench.cpuprobe", "--seconds", "0.5", timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("plain code ran below 50% speed in ") and "0.5 s idle probe" in done.stdout
-    bad = run_cli(PYTHON, "-m", "scripts.cpuprobe", "--seconds", "0", timeout=60)
+    bad = run_cli(PYTHON, "-m", "bench.cpuprobe", "--seconds", "0", timeout=60)
     assert bad.returncode == 2 and "--seconds must be positive" in bad.stderr
 
 

@@ -27,10 +27,10 @@ from PIL import Image
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
+from cifar3.checkpoint import ModelMeta, save_checkpoint
+from cifar3.model import VARIANTS, build_model
+from cifar3.preprocessing import CIFAR10_MEAN, CIFAR10_STD, ImageDecodeError, decode_image, eval_transform
 from handler.cifar3_handler import Cifar3Handler, request_image_bytes
-from training.checkpoint import ModelMeta, save_checkpoint
-from training.model import VARIANTS, build_model
-from training.preprocessing import CIFAR10_MEAN, CIFAR10_STD, ImageDecodeError, decode_image, eval_transform
 
 TS_METRICS = Path(sys.modules["ts"].__file__).parent / "configs" / "metrics.yaml"
 CLASSES = ["airplane", "automobile", "ship"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -19,10 +20,10 @@ from synthetic import encode, sample_image
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
+from cifar3.checkpoint import load_checkpoint
+from cifar3.inference import calibrated_probs, inference_dtype, predict_logits, prepare_for_inference
+from cifar3.preprocessing import ImageDecodeError, decode_image, pil_to_uint8
 from handler.cifar3_handler import Cifar3Handler
-from training.checkpoint import load_checkpoint
-from training.inference import calibrated_probs, inference_dtype, predict_logits, prepare_for_inference
-from training.preprocessing import ImageDecodeError, decode_image, pil_to_uint8
 
 CLASSES = ["airplane", "automobile", "ship"]
 TS_METRICS = Path(sys.modules["ts"].__file__).parent / "configs" / "metrics.yaml"
@@ -202,26 +203,26 @@ def test_handler_probabilities_equal_in_process_evaluation(handler, model_dir, t
 
 def test_archive_is_self_contained(model_dir, tmp_path):
     """The extracted .mar alone (no repository on sys.path) loads and classifies an image."""
-    script = f"""
-import json, sys
-sys.path.insert(0, {str(model_dir)!r})
-from cifar3_handler import Cifar3Handler, request_image_bytes
-from training.checkpoint import load_checkpoint
-from training.preprocessing import decode_image
-import training
-assert training.__file__.startswith({str(model_dir)!r}), training.__file__
-print(json.load(open({str(model_dir / "index_to_name.json")!r})))
+    script = """
+import cifar3, cifar3_handler
+from cifar3.checkpoint import load_checkpoint
+_, meta = load_checkpoint("cifar3.pt")
+print(cifar3.__file__, cifar3_handler.__file__, meta.classes)
 """
-    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120, check=False)  # fmt: skip
+    # TorchServe puts the extracted archive first on the worker's path; PYTHONPATH does the same here.
+    env = {**os.environ, "PYTHONPATH": str(model_dir)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=model_dir, capture_output=True, text=True,
+                            timeout=120, check=False, env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "{'0': 'airplane', '1': 'automobile', '2': 'ship'}" in result.stdout
+    package, handler_file, classes = result.stdout.split(" ", 2)
+    assert package.startswith(str(model_dir)) and handler_file.startswith(str(model_dir))
+    assert classes.strip() == "['airplane', 'automobile', 'ship']"
 
 
 def test_archive_contents(model_store):
     names = set(zipfile.ZipFile(model_store / "cifar3.mar").namelist())
-    expected = {"cifar3.pt", "cifar3_handler.py", "model-config.yaml", "index_to_name.json", "MAR-INF/MANIFEST.json"}
-    expected |= {f"training/{m}.py" for m in ("__init__", "model", "preprocessing", "checkpoint", "inference")}
+    expected = {"cifar3.pt", "cifar3_handler.py", "model-config.yaml", "MAR-INF/MANIFEST.json"}
+    expected |= {f"cifar3/{path.name}" for path in (ROOT / "cifar3").glob("*.py")}
     assert names == expected
 
 

@@ -1,4 +1,4 @@
-"""scripts/loadgen.py (the benchmark's and the soak's load) and a quick run of scripts/benchmark.py.
+"""bench/loadgen.py (the benchmark's and the soak's load) and a quick run of bench/benchmark.py.
 
 The answer parser is checked on hand-made byte streams; the load itself against the session's real
 TorchServe and against a port where nothing listens.
@@ -14,7 +14,7 @@ import pytest
 from conftest import MODEL_CONFIG, PYTHON, ROOT, free_ports, run_cli
 from PIL import Image
 
-from scripts.loadgen import NO_ANSWER, _Connection, build_requests, percentile, run_load
+from bench.loadgen import NO_ANSWER, _Connection, build_requests, percentile, run_load
 
 OCTET = {"Content-Type": "application/octet-stream"}
 
@@ -117,7 +117,7 @@ def test_a_port_with_no_server_gives_no_answer_samples_and_ends_on_time():
 
 def test_benchmark_quick_run_writes_its_report(tiny_checkpoint, tmp_path):
     out = tmp_path / "reports"
-    done = run_cli(PYTHON, str(ROOT / "scripts" / "benchmark.py"), "--checkpoint", str(tiny_checkpoint),
+    done = run_cli(PYTHON, str(ROOT / "bench" / "benchmark.py"), "--checkpoint", str(tiny_checkpoint),
                    "--seconds", "1", "--concurrency", "1,4", "--in-process-seconds", "0.05",
                    "--images", str(tmp_path / "no-images"), "--out-dir", str(out), timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

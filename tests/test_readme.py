@@ -8,7 +8,7 @@ from conftest import PYTHON, ROOT, run_cli
 
 
 def test_results_block_is_generated_from_the_reports():
-    result = run_cli(PYTHON, str(ROOT / "scripts" / "update_readme.py"), "--check")
+    result = run_cli(PYTHON, str(ROOT / "bench" / "update_readme.py"), "--check")
     assert result.returncode == 0, result.stderr
 
 

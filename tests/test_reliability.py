@@ -1,4 +1,4 @@
-"""Reliability and security under faults and load: scripts/reliability.py's checks, asserted.
+"""Reliability and security under faults and load: bench/reliability.py's checks, asserted.
 
 Security checks and a short soak run against the session's ``server``; checks that break or restart
 a server (kill a worker, scale, stop/start, slow request, corrupt .mar) get servers of their own.
@@ -15,7 +15,7 @@ import os
 import pytest
 from conftest import start_server, write_server_config
 
-from scripts import reliability as rel
+from bench import reliability as rel
 from scripts.serve import Server, read_properties
 
 FULL = os.environ.get("CIFAR3_RELIABILITY_FULL") == "1"

@@ -16,9 +16,9 @@ from conftest import MODEL_CONFIG, PYTHON, ROOT, run_cli
 from synthetic import encode, sample_image
 from test_handler import png_with_declared_size
 
-from training.checkpoint import load_checkpoint
-from training.inference import calibrated_probs, inference_dtype, predict_logits, prepare_for_inference
-from training.preprocessing import pil_to_uint8
+from cifar3.checkpoint import load_checkpoint
+from cifar3.inference import calibrated_probs, inference_dtype, predict_logits, prepare_for_inference
+from cifar3.preprocessing import pil_to_uint8
 
 pytestmark = pytest.mark.server
 CLASSES = ["airplane", "automobile", "ship"]

@@ -15,10 +15,9 @@ from conftest import PYTHON, ROOT, run_cli
 from PIL import Image
 from synthetic import write_image_folder
 
-from training.checkpoint import CheckpointError, ModelMeta, load_checkpoint, save_checkpoint
-from training.classes import parse_classes
-from training.data import DataError, limit_per_class, load_split, stratified_split
-from training.inference import (
+from cifar3.checkpoint import CheckpointError, ModelMeta, load_checkpoint, save_checkpoint
+from cifar3.classes import parse_classes
+from cifar3.inference import (
     calibrated_probs,
     fit_temperature,
     inference_dtype,
@@ -26,8 +25,9 @@ from training.inference import (
     predict_logits,
     prepare_for_inference,
 )
-from training.model import VARIANTS, build_model
-from training.preprocessing import CIFAR10_MEAN, CIFAR10_STD, normalize
+from cifar3.model import VARIANTS, build_model
+from cifar3.preprocessing import CIFAR10_MEAN, CIFAR10_STD, normalize
+from training.data import DataError, limit_per_class, load_split, stratified_split
 from training.train import BestSnapshot, plan_epochs
 
 CLASSES = ["airplane", "automobile", "ship"]
@@ -421,7 +421,7 @@ def test_no_constant_is_retyped_outside_its_module():
     for path in [*root.glob("handler/*.py"), *root.glob("ui/*.py"), *root.glob("scripts/*.py")]:
         text = path.read_text()
         assert "0.4914" not in text and "0.2470" not in text, path
-    assert sys.modules.get("training.preprocessing") is not None
+    assert sys.modules.get("cifar3.preprocessing") is not None
 
 
 def test_evaluate_validation_split_reproduces_the_selection_accuracy(tmp_path, tiny_checkpoint):

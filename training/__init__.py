@@ -1,5 +1,1 @@
-"""cifar3 training side: data, model, preprocessing, checkpoints, train and evaluate CLIs.
-
-Kept import-free: the handler imports ``training.model``, ``training.preprocessing`` and
-``training.checkpoint`` from inside the .mar, where only torch, torchvision and Pillow exist.
-"""
+"""cifar3 training: data sources, recipes, and the train and evaluate CLIs (the serving core is ``cifar3``)."""

@@ -21,7 +21,7 @@ from sklearn.model_selection import train_test_split
 from torchvision.datasets import CIFAR10
 from tqdm import tqdm
 
-from training.preprocessing import IMAGE_SIZE, pil_to_uint8, to_rgb
+from cifar3.preprocessing import IMAGE_SIZE, pil_to_uint8, to_rgb
 
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parent.parent / "data"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}

@@ -22,9 +22,8 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
-from training.checkpoint import CheckpointError, ModelMeta, load_checkpoint
-from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, limit_per_class, load_split, stratified_split
-from training.inference import (
+from cifar3.checkpoint import CheckpointError, ModelMeta, load_checkpoint
+from cifar3.inference import (
     DTYPES,
     calibrated_probs,
     dtype_name,
@@ -32,6 +31,7 @@ from training.inference import (
     predict_logits,
     prepare_for_inference,
 )
+from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, limit_per_class, load_split, stratified_split
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:

@@ -32,12 +32,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from training.checkpoint import ModelMeta, save_checkpoint
-from training.classes import DEFAULT_CLASSES, parse_classes
+from cifar3.checkpoint import ModelMeta, save_checkpoint
+from cifar3.classes import DEFAULT_CLASSES, parse_classes
+from cifar3.inference import fit_temperature, memory_format, predict_logits
+from cifar3.model import VARIANTS, build_model
+from cifar3.preprocessing import CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE, normalize
 from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, limit_per_class, load_split, stratified_split
-from training.inference import fit_temperature, memory_format, predict_logits
-from training.model import VARIANTS, build_model
-from training.preprocessing import CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE, normalize
 
 
 @dataclass

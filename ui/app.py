@@ -17,20 +17,14 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import altair as alt
 import pandas as pd
 import streamlit as st
 from PIL import Image, UnidentifiedImageError
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `streamlit run ui/app.py` puts only ui/ on the path
-    sys.path.insert(0, str(ROOT))
-
-from ui.client import IMAGE_TYPES, Cifar3Client, ClientError, Config, Outcome, Prediction, ServerState  # noqa: E402
+from ui.client import IMAGE_TYPES, Cifar3Client, ClientError, Config, Outcome, Prediction, ServerState
 
 PREVIEW_WIDTH = 160
 OK, BAD = ":green[:material/check_circle:]", ":red[:material/cancel:]"  # icons bundled with Streamlit

@@ -1,6 +1,6 @@
 """Low-overhead HTTP load for the benchmark and the soak: one thread, keep-alive sockets, requests built once.
 
-    from scripts.loadgen import run_load
+    from bench.loadgen import run_load
     result = run_load(url, bodies, headers, concurrency=16, seconds=20)            # closed loop
     result = run_load(url, bodies, headers, concurrency=32, seconds=60, rate=250)  # open loop
     result.summary()  # {"requests", "ok", "errors", "error_statuses", "rps", "p50_ms", "p90_ms", "p99_ms"}

@@ -1,6 +1,6 @@
 """Throughput and latency of cifar3: in-process limit vs. served over HTTP, in one run, one model.
 
-    .venv/bin/python scripts/benchmark.py --checkpoint checkpoints/cifar3.pt
+    .venv/bin/python bench/benchmark.py --checkpoint checkpoints/cifar3.pt
 
 1. In-process (this process, same torch threads as a worker): forward-only images/s at several
    batch sizes (the machine's limit for this model) and batch-1 latency, forward-only and with
@@ -8,7 +8,7 @@
    Also the batched rates at the workers' own torch thread count (model-config.yaml).
 2. Served: archives the checkpoint, starts a real TorchServe on free loopback ports with the
    repository's config.properties and model-config.yaml, and drives it with closed-loop clients at
-   concurrency 1, 4 and 16 (scripts/loadgen.py, one thread): images/s, p50/p90/p99 latency, errors,
+   concurrency 1, 4 and 16 (bench/loadgen.py, one thread): images/s, p50/p90/p99 latency, errors,
    and how many cores the frontend, the workers and the load generator kept busy.
 
 Writes reports/benchmark.json and reports/benchmark.md (the README quotes them). The in-process
@@ -36,14 +36,13 @@ import requests
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.loadgen import run_load
+from cifar3.checkpoint import load_checkpoint
+from cifar3.inference import as_model_input, dtype_name, inference_dtype, prepare_for_inference
+from cifar3.preprocessing import decode_image, eval_transform
+from scripts.serve import Server, start_server
 
-from scripts.loadgen import run_load  # noqa: E402
-from scripts.serve import Server, start_server  # noqa: E402
-from training.checkpoint import load_checkpoint  # noqa: E402
-from training.inference import as_model_input, dtype_name, inference_dtype, prepare_for_inference  # noqa: E402
-from training.preprocessing import decode_image, eval_transform  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "cifar3" / "train"
 TARGETS = {"served_vs_inprocess_c16": 0.85, "p99_c16_ms": 250.0, "p50_c1_vs_batch1": 1.3}
@@ -67,10 +66,10 @@ def load_image_bytes(folder: Path, count: int) -> list[bytes]:
 
 
 def untrained_checkpoint(variant: str, folder: Path) -> Path:
-    from training.checkpoint import ModelMeta, save_checkpoint
-    from training.classes import DEFAULT_CLASSES
-    from training.model import build_model
-    from training.preprocessing import CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE
+    from cifar3.checkpoint import ModelMeta, save_checkpoint
+    from cifar3.classes import DEFAULT_CLASSES
+    from cifar3.model import build_model
+    from cifar3.preprocessing import CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE
 
     path = folder / f"untrained-{variant}.pt"
     meta = ModelMeta(variant, list(DEFAULT_CLASSES), IMAGE_SIZE, list(CIFAR10_MEAN), list(CIFAR10_STD))
@@ -184,7 +183,7 @@ def process_cpu(processes: list[psutil.Process]) -> dict[int, float]:
 
 
 def load(server: Server, images: list[bytes], concurrency: int, seconds: float) -> dict:
-    """Closed loop at ``concurrency`` (scripts/loadgen.py), and where the machine's CPU went meanwhile."""
+    """Closed loop at ``concurrency`` (bench/loadgen.py), and where the machine's CPU went meanwhile."""
     url = f"{server.inference_url}/predictions/{server.model}"
     headers = server.headers() | {"Content-Type": "application/octet-stream"}
     run_load(url, images, headers, concurrency=concurrency, seconds=2.0)  # warm-up: workers and the JIT
@@ -305,7 +304,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/benchmark.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="bench/benchmark.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "cifar3.pt")
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="image folder to sample requests from")
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of each served load level")

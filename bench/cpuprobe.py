@@ -1,6 +1,6 @@
 """How steadily this machine runs plain code: the speed dips a latency measurement inherits.
 
-    .venv/bin/python -m scripts.cpuprobe --seconds 10
+    .venv/bin/python -m bench.cpuprobe --seconds 10
 
 One process per CPU (pinned to it) counts the turns of a trivial Python loop in each 10 ms window,
 all windows aligned on one clock. A window below half the CPU's full speed (its 90th-percentile
@@ -8,7 +8,7 @@ count) is slow; consecutive slow windows make one episode. On an idle, dedicated
 next to none. On the 2-core development VM plain code ran at 5-15 % of its speed for 30-100 ms
 every 0.3-2 s, on both CPUs at once, with no gap in the guest's clock and no steal time reported:
 the host shares the cores. Every request in such an episode is slowed 5-15x whatever the server does,
-which is why scripts/reliability.py reports this probe beside the soak's latency.
+which is why bench/reliability.py reports this probe beside the soak's latency.
 
 Run it on an idle machine: a busy one shows its own load as slow windows.
 """
@@ -92,7 +92,7 @@ def describe(summary: dict) -> str:
 
 def counter_command(cpu: int, seconds: float, start_at: float) -> list[str]:
     """The command of one CPU's counting process (prints its counts as JSON); run it from the repository root."""
-    return [sys.executable, "-m", "scripts.cpuprobe", "--count", f"--cpu={cpu}", f"--seconds={seconds}",
+    return [sys.executable, "-m", "bench.cpuprobe", "--count", f"--cpu={cpu}", f"--seconds={seconds}",
             f"--start-at={start_at!r}"]  # fmt: skip
 
 
@@ -123,7 +123,7 @@ def probe(seconds: float = 10.0, cpus: list[int] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scripts.cpuprobe", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.cpuprobe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="how long to count (default 10)")
     parser.add_argument("--json", action="store_true", help="print the whole summary as JSON")
     parser.add_argument("--count", action="store_true", help=argparse.SUPPRESS)  # one CPU's counting process

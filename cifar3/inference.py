@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from training.preprocessing import normalize
+from cifar3.preprocessing import normalize
 
 # Numeric types a model can be served in; "auto" in inference_dtype picks one for the hardware.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

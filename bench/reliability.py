@@ -1,9 +1,9 @@
 """Reliability and security of the cifar3 TorchServe under faults and load, measured.
 
-    .venv/bin/python scripts/reliability.py                          # model_store/cifar3.mar, 5-minute soak
-    .venv/bin/python scripts/reliability.py --soak-seconds 60        # shorter soak
-    .venv/bin/python scripts/reliability.py --mar /path/to/model_store
-    .venv/bin/python scripts/reliability.py --checkpoint checkpoints/cifar3.pt   # archive it first (archive.sh)
+    .venv/bin/python bench/reliability.py                          # model_store/cifar3.mar, 5-minute soak
+    .venv/bin/python bench/reliability.py --soak-seconds 60        # shorter soak
+    .venv/bin/python bench/reliability.py --mar /path/to/model_store
+    .venv/bin/python bench/reliability.py --checkpoint checkpoints/cifar3.pt   # archive it first (archive.sh)
 
 Every check runs against real TorchServe servers that this script starts itself on free loopback
 ports (its own run folders under --work-dir; servers started elsewhere are never touched) and
@@ -17,7 +17,7 @@ same functions tests/test_reliability.py asserts on):
   (no snapshot restored, no processes left behind);
 * load: saturation rate (closed loop, concurrency 16), then an open-loop soak at 80 % of it:
   errors, p50/p90/p99 against low load, worker memory growth; beside them, how steadily the idle
-  machine runs plain code (scripts/cpuprobe.py);
+  machine runs plain code (bench/cpuprobe.py);
 * security: listening sockets on loopback only, token checks, key file mode, model
   registration refused, allowed_urls admits no remote URL, oversized uploads refused.
 
@@ -51,13 +51,11 @@ import psutil
 import requests
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench import cpuprobe
+from bench.loadgen import percentile, run_load
+from scripts.serve import Server, ServerError, read_properties, start_server, write_server_config
 
-from scripts import cpuprobe  # noqa: E402
-from scripts.loadgen import percentile, run_load  # noqa: E402
-from scripts.serve import Server, ServerError, read_properties, start_server, write_server_config  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PYTHON = sys.executable
 DEFAULT_STORE = ROOT / "model_store"
@@ -182,7 +180,7 @@ class Call:
 class Load:
     """``concurrency`` client threads sending the payload to /predictions back to back until stopped
     (at most ``max_seconds``), each call recorded: the background traffic of the fault checks, which
-    need per-call timing, errors and retries. The soak's load is scripts/loadgen.py's."""
+    need per-call timing, errors and retries. The soak's load is bench/loadgen.py's."""
 
     def __init__(
         self,
@@ -512,7 +510,7 @@ def check_scale(
 
 SLOW_HANDLER = '''"""Test-only handler: cifar3's handler, plus a sleep for requests that carry {header}.
 
-Packed only into the .mar that scripts/reliability.py builds to test the response timeout; the sleep
+Packed only into the .mar that bench/reliability.py builds to test the response timeout; the sleep
 length comes from model-config.yaml (handler: debug_sleep_s), absent in production.
 """
 
@@ -775,7 +773,7 @@ def check_stop_start(server: Server, payload: bytes, cycles: int = 3, timeout: f
 
 
 def soak_load(server: Server, payload: bytes, seconds: float, *, rate: float | None = None, **kwargs) -> dict:
-    """scripts/loadgen.py's one-thread load (closed loop, or open loop at ``rate``), summarized."""
+    """bench/loadgen.py's one-thread load (closed loop, or open loop at ``rate``), summarized."""
     url = f"{server.inference_url}/predictions/{server.model}"
     headers = {**server.headers("inference"), **OCTET}
     return run_load(url, [payload], headers, seconds=seconds, rate=rate, **kwargs).summary()
@@ -805,12 +803,12 @@ def check_soak(
     for the reference p99, then the soak: open loop at ``fraction`` of saturation for ``seconds``.
     Pass: 0 errors, soak p99 <= 2x low-load p99, worker RSS growth < ``memory_limit_mb``. The p99 at
     the ``sweep`` fractions of saturation is reported beside it: where between low load and the soak
-    the latency grows. Before any load, scripts/cpuprobe.py measures how steadily the idle machine
+    the latency grows. Before any load, bench/cpuprobe.py measures how steadily the idle machine
     runs plain code: on a VM whose host shares the cores, every request in a slow episode is slowed
     whatever the server does, and at 80 % load the backlog of one episode takes ~4x its length to
     drain. The latency row reports it beside the p99s; it does not change the criterion.
 
-    The load comes from scripts/loadgen.py's single thread (not the threaded ``requests`` clients of
+    The load comes from bench/loadgen.py's single thread (not the threaded ``requests`` clients of
     the fault checks): at hundreds of requests per second those cost the server a good part of a core
     and added their own GIL waits to the latencies being compared."""
     try:  # a diagnostic: if it cannot run, the soak still does
@@ -1085,7 +1083,7 @@ def markdown(rows: list[Result], meta: dict) -> str:
     lines = [
         "# cifar3 TorchServe: reliability and security",
         "",
-        f"Generated by `scripts/reliability.py` on {meta['date']}: {meta['machine']}; model {meta['model']}; "
+        f"Generated by `bench/reliability.py` on {meta['date']}: {meta['machine']}; model {meta['model']}; "
         f"TorchServe {meta['torchserve']}; soak {meta['soak_seconds']:.0f} s. "
         f"{sum(r['passed'] for r in rows)} of {len(rows)} checks passed. CPU numbers are noisy when the "
         "machine is shared.",
@@ -1195,7 +1193,7 @@ def run_all(args) -> tuple[list[Result], dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/reliability.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="bench/reliability.py", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--mar", default=str(DEFAULT_STORE), help="model store folder holding cifar3.mar (or a .mar)")
     source.add_argument("--checkpoint", type=Path, help="archive this checkpoint with scripts/archive.sh and use it")

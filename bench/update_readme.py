@@ -1,7 +1,7 @@
 """Rewrite the README's "Measured results" block from the committed reports, never by hand.
 
-    .venv/bin/python scripts/update_readme.py          # rewrite README.md
-    .venv/bin/python scripts/update_readme.py --check  # exit 1 if README.md is out of date
+    .venv/bin/python bench/update_readme.py          # rewrite README.md
+    .venv/bin/python bench/update_readme.py --check  # exit 1 if README.md is out of date
 
 Sources: reports/training/*.json (training summaries), reports/eval*/metrics.json,
 reports/benchmark.json and reports/reliability.md.
@@ -115,8 +115,8 @@ def one_benchmark(bench: dict) -> list[str]:
 
 def render(reports: Path = ROOT / "reports") -> str:
     parts = [START, "", "### Training", "", *training_section(reports), "", "### Evaluation", "",
-             *eval_section(reports), "", "### Serving benchmark (`scripts/benchmark.py`)", "",
-             *benchmark_section(reports), "", "### Reliability (`scripts/reliability.py`)", ""]  # fmt: skip
+             *eval_section(reports), "", "### Serving benchmark (`bench/benchmark.py`)", "",
+             *benchmark_section(reports), "", "### Reliability (`bench/reliability.py`)", ""]  # fmt: skip
     reliability = reports / "reliability.md"
     if reliability.is_file():
         body = reliability.read_text().strip().splitlines()
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     updated = head + render() + rest.split(END, 1)[1]
     if args.check:
         if updated != text:
-            print("README.md results are out of date: run .venv/bin/python scripts/update_readme.py", file=sys.stderr)
+            print("README.md results are out of date: run .venv/bin/python bench/update_readme.py", file=sys.stderr)
             return 1
         return 0
     readme.write_text(updated)

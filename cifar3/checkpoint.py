@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from training.model import build_model
+from cifar3.model import build_model
 
 FORMAT_VERSION = 1
 

@@ -1,0 +1,1 @@
+"""Measurement tooling: benchmark, reliability checks, load generator, machine probe, report rendering."""
