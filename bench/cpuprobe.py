@@ -8,7 +8,7 @@ count) is slow; consecutive slow windows make one episode. On an idle, dedicated
 next to none. On the 2-core development VM plain code ran at 5-15 % of its speed for 30-100 ms
 every 0.3-2 s, on both CPUs at once, with no gap in the guest's clock and no steal time reported:
 the host shares the cores. Every request in such an episode is slowed 5-15x whatever the server does,
-which is why bench/reliability.py reports this probe beside the soak's latency.
+which is why bench.reliability reports this probe beside the soak's latency.
 
 Run it on an idle machine: a busy one shows its own load as slow windows.
 """

@@ -4,8 +4,9 @@
 #   scripts/archive.sh [CHECKPOINT]        (default: checkpoints/cifar3.pt)
 #
 # The archive is self-contained: the handler, the serving core package it imports (cifar3/),
-# and handler/model-config.yaml; the classes and every other constant come from the checkpoint. A plain TorchServe with torch,
-# torchvision, pillow and pyyaml serves it. Env: MODEL_STORE (default model_store), MODEL_NAME,
+# handler/model-config.yaml and the model exported to ONNX (verified); the classes and every other constant come
+# from the checkpoint. A plain TorchServe with torch, torchvision, pillow, pyyaml (and onnxruntime, else the
+# handler runs torch) serves it. Env: MODEL_STORE (default model_store), MODEL_NAME,
 # MODEL_CONFIG (default handler/model-config.yaml; the benchmark compares settings with it).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,9 +41,16 @@ except CheckpointError as exc:
 print(f"checkpoint: {meta.variant}, classes {meta.classes}, validation accuracy {meta.val_accuracy}")
 PY
 cp "$checkpoint" "$stage/$model_name.pt"
+# The ONNX Runtime engine's model, exported from the same state dict and verified against PyTorch float32
+# on real images (VERIFY_IMAGES, default: the folder the checkpoint was trained on); no archive if it
+# differs. The name is cifar3/engine.py's ONNX_FILE.
+verify_images=()
+[ -n "${VERIFY_IMAGES:-}" ] && verify_images=(--images "$VERIFY_IMAGES")
+(cd "$root" && "$python" -m cifar3.export "$stage/$model_name.pt" "$stage/extra/model.onnx" "${verify_images[@]}")
 
 mkdir -p "$model_store"
-torch-model-archiver --force \
+# The archiver stages files in $TMPDIR/<model name>: a private TMPDIR lets archives be built side by side.
+TMPDIR="$stage" torch-model-archiver --force \
   --model-name "$model_name" --version 1.0 \
   --serialized-file "$stage/$model_name.pt" \
   --handler "$root/handler/cifar3_handler.py" \

@@ -5,9 +5,9 @@
 #   scripts/demo.sh --data ../shared/data/cifar3/train
 #   scripts/demo.sh stop            # stop everything the demo started
 #
-# Idempotent and resumable: a second run reuses .venv, checkpoints/cifar3.pt, reports/eval and
+# Idempotent and resumable: a second run reuses .venv, checkpoints/cifar3.pt, run/eval and
 # model_store/cifar3.mar when they are newer than what they are made from, and a server or UI that
-# is already running. Env: CIFAR3_DATA, CIFAR3_EVAL_DATA (default: CIFAR-10's official test split for
+# is already running. It writes only git-ignored paths (checkpoints/, run/, model_store/). Env: CIFAR3_DATA, CIFAR3_EVAL_DATA (default: CIFAR-10's official test split for
 # cifar10 data, otherwise the checkpoint's own validation split), CIFAR3_UI_PORT (8501).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,6 +15,7 @@ cd "$root"
 py=.venv/bin/python
 checkpoint=checkpoints/cifar3.pt
 mar=model_store/cifar3.mar
+eval_dir=run/eval
 ui_port="${CIFAR3_UI_PORT:-8501}"
 ui_pid=run/streamlit.pid
 
@@ -48,7 +49,7 @@ else  # never report accuracy on the images the model trained on
 fi
 total_started=$SECONDS
 
-step "1/6 set-up (Java 17, .venv with pinned requirements)"
+step "1/6 set-up (Java 17, .venv with the project and its pinned dependencies)"
 scripts/setup.sh
 done_step
 
@@ -60,16 +61,17 @@ else
 fi
 done_step
 
-step "3/6 evaluate on $eval_what (reports/eval)"
-if [ reports/eval/metrics.json -nt "$checkpoint" ]; then
-  echo "    reusing reports/eval (older than the checkpoint would be re-run)"
+step "3/6 evaluate on $eval_what ($eval_dir)"
+if [ "$eval_dir/metrics.json" -nt "$checkpoint" ]; then
+  echo "    reusing $eval_dir (it is newer than the checkpoint)"
 else
-  "$py" -m training.evaluate --checkpoint "$checkpoint" "${eval_args[@]}" --report-dir reports/eval | tail -n 12
+  "$py" -m training.evaluate --checkpoint "$checkpoint" "${eval_args[@]}" --report-dir "$eval_dir" | tail -n 12
 fi
 done_step
 
 step "4/6 archive ($mar)"
-if [ "$mar" -nt "$checkpoint" ] && [ "$mar" -nt handler/cifar3_handler.py ] && [ "$mar" -nt handler/model-config.yaml ]; then
+# Rebuilt when the checkpoint, the handler, its config or the serving core changed since.
+if [ -f "$mar" ] && [ -z "$(find "$checkpoint" handler cifar3 -newer "$mar" -type f \( -name '*.pt' -o -name '*.py' -o -name '*.yaml' \) | head -1)" ]; then
   echo "    reusing $mar"
 else
   scripts/archive.sh "$checkpoint"
@@ -109,7 +111,7 @@ cifar3 is up (this run took $((SECONDS - total_started))s).
   inference:   http://127.0.0.1:8080/predictions/cifar3
   management:  http://127.0.0.1:8081/models/cifar3   (token: run/key_file.json "management")
   metrics:     http://127.0.0.1:8082/metrics
-  evaluation:  reports/eval/metrics.json, reports/eval/confusion_matrix.png
+  evaluation:  $eval_dir/metrics.json, $eval_dir/confusion_matrix.png
 Try it:
   curl -H "Authorization: Bearer $token" http://127.0.0.1:8080/predictions/cifar3 -T IMAGE.jpg
 Stop everything:

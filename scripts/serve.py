@@ -3,6 +3,7 @@
     .venv/bin/python scripts/serve.py start      # waits until cifar3 is READY, prints URLs and token file
     .venv/bin/python scripts/serve.py status     # exit 0 only when the model has a READY worker
     .venv/bin/python scripts/serve.py predict plane.jpg
+    .venv/bin/python scripts/serve.py explain plane.jpg --out overlay.png [--target ship]
     .venv/bin/python scripts/serve.py stop
 
 Run state lives in ``run/`` (git-ignored): TorchServe starts there, so ``run/key_file.json`` holds
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import psutil
 import requests
+
+from ui.client import Cifar3Client, ClientError, Config, overlay_heatmap, read_key_file
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config.properties"
@@ -100,9 +103,15 @@ class Server:
     def token(self, api: str = "inference") -> str:
         """The current key for 'inference' or 'management' from key_file.json."""
         try:
-            return json.loads(self.key_file.read_text())[api]["key"]
-        except (OSError, ValueError, KeyError):
+            return read_key_file(self.key_file)[api]
+        except (ClientError, KeyError):
             raise ServerError(f"no {api} token in {self.key_file}: is the server running (serve.py start)?") from None
+
+    def client(self, timeout: float = 60.0) -> Cifar3Client:
+        """The project's HTTP client for this server, with its key file."""
+        return Cifar3Client(
+            Config(self.inference_url, self.management_url, str(self.key_file), timeout=timeout, model=self.model)
+        )
 
     def headers(self, api: str = "inference") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token(api)}"}
@@ -256,26 +265,22 @@ class Server:
         /ping wants the inference token in TorchServe 0.12, and says Healthy even when the model never
         loaded: 'ready' (a READY worker of the model) is what counts."""
         state = {"ping": False, "ready": False, "workers": [], "reason": ""}
+        client = self.client()
+        state["ping"] = client.ping_status() == 200
         try:
-            management_headers = self.headers("management")
-            state["ping"] = requests.get(f"{self.inference_url}/ping", headers=self.headers("inference"), timeout=5).ok
-            response = requests.get(f"{self.management_url}/models/{self.model}", headers=management_headers, timeout=5)
-        except requests.RequestException:
-            state["reason"] = f"server not reachable at {self.inference_url}"
+            description = client.describe()
+        except ClientError as exc:
+            if exc.kind == "not_found":
+                failure = self.load_failure()
+                state["reason"] = f"model {self.model} is not loaded" + (f": {failure}" if failure else "")
+            elif exc.kind == "unreachable":
+                state["reason"] = f"server not reachable at {self.inference_url}"
+            else:
+                state["reason"] = exc.message
             return state
-        except ServerError as exc:
-            state["reason"] = str(exc)
-            return state
-        if response.status_code == 404:
-            failure = self.load_failure()
-            state["reason"] = f"model {self.model} is not loaded" + (f": {failure}" if failure else "")
-            return state
-        if not response.ok:
-            state["reason"] = f"management API answered HTTP {response.status_code}: {response.text[:200]}"
-            return state
-        workers = response.json()[0].get("workers", [])
+        workers = description.get("workers") or []
         state["workers"] = workers
-        state["batch_size"] = response.json()[0].get("batchSize")
+        state["batch_size"] = description.get("batchSize")
         state["ready"] = any(w.get("status") == "READY" for w in workers)
         if not state["ready"]:
             failure = self.load_failure()
@@ -316,10 +321,23 @@ class Server:
         return True
 
     def predict(self, image: Path) -> requests.Response:
-        with open(image, "rb") as f:
-            return requests.post(
-                f"{self.inference_url}/predictions/{self.model}", data=f, headers=self.headers(), timeout=60
-            )
+        """The server's raw answer for an image file (status and JSON body as they are)."""
+        return self.client().post("predictions", image.read_bytes())
+
+
+def write_explanation(server: Server, image: Path, out: Path, target: str | None, size: int) -> int:
+    """Ask the server to explain ``image`` and write the heat map over it to ``out``; print the answer."""
+    if not image.is_file():
+        raise ServerError(f"image not found: {image}")
+    data = image.read_bytes()
+    prediction, explanation = server.client().explain(data, image.name, target)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    overlay_heatmap(data, explanation.heatmap, size=size).save(out, format="PNG")
+    print(
+        f"{image.name}: {prediction.pred_class} ({prediction.probs[prediction.pred_class]:.1%}); "
+        f"{explanation.method} for {explanation.target!r} at {explanation.layer} -> {out}"
+    )
+    return 0
 
 
 def _descendants(pid: int) -> list[int]:
@@ -394,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="exit 0 when the model has a READY worker")
     predict = sub.add_parser("predict", help="classify an image file")
     predict.add_argument("image", type=Path)
+    explain = sub.add_parser("explain", help="write a Grad-CAM overlay: where the model found its evidence")
+    explain.add_argument("image", type=Path)
+    explain.add_argument("--out", type=Path, required=True, help="overlay picture to write (PNG)")
+    explain.add_argument("--target", help="class to explain (default: the predicted one)")
+    explain.add_argument("--size", type=int, default=256, help="overlay side in pixels (default: 256)")
     args = parser.parse_args(argv)
     server = Server(args.config, args.run_dir)
     try:
@@ -421,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
                 + (f"; {state['reason']}" if state["reason"] else "")
             )
             return 0 if state["ready"] else 1
+        elif args.command == "explain":
+            return write_explanation(server, args.image, args.out, args.target, args.size)
         elif args.command == "predict":
             if not args.image.is_file():
                 raise ServerError(f"image not found: {args.image}")
@@ -430,12 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except requests.RequestException as exc:
-        print(
-            f"error: server not reachable at {server.inference_url} ({exc.__class__.__name__}); "
-            "start it with scripts/serve.py start",
-            file=sys.stderr,
-        )
+    except ClientError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
         return 1
     return 0
 

@@ -15,8 +15,8 @@ import os
 import pytest
 from conftest import start_server, write_server_config
 
-from bench import reliability as rel
-from scripts.serve import Server, read_properties
+from bench.reliability import common, faults, security, soak
+from scripts.serve import Server, ServerError, read_properties
 
 FULL = os.environ.get("CIFAR3_RELIABILITY_FULL") == "1"
 full_only = pytest.mark.skipif(not FULL, reason="full reliability run: set CIFAR3_RELIABILITY_FULL=1")
@@ -36,7 +36,7 @@ def row(rows: list[dict], text: str) -> dict:
 
 @pytest.fixture(scope="module")
 def payload() -> bytes:
-    return rel.sample_png()
+    return common.sample_png()
 
 
 @pytest.fixture(scope="module")
@@ -51,31 +51,31 @@ def own_server(tmp_path_factory, model_store):
 
 
 def test_every_listening_socket_is_on_loopback(server):
-    assert_passed(rel.check_loopback(server))
+    assert_passed(security.check_loopback(server))
 
 
 def test_calls_without_or_with_a_wrong_token_are_refused(server, payload):
-    assert_passed(rel.check_tokens(server, payload))
+    assert_passed(security.check_tokens(server, payload))
 
 
 def test_key_file_is_readable_by_its_owner_only(server):
-    assert_passed(rel.check_key_file(server))
+    assert_passed(security.check_key_file(server))
 
 
 def test_model_registration_and_removal_are_refused(server):
-    assert_passed(rel.check_model_api(server))
+    assert_passed(security.check_model_api(server))
 
 
 def test_allowed_urls_admits_no_remote_url(server):
-    assert_passed(rel.check_allowed_urls(server))
+    assert_passed(security.check_allowed_urls(server))
 
 
 def test_oversized_upload_is_refused(server):
-    assert_passed(rel.check_request_size(server))
+    assert_passed(security.check_request_size(server))
 
 
 def test_a_malformed_request_fails_alone_not_its_batch(server, payload):
-    assert_passed(rel.check_bad_request_in_batch(server, payload, rounds=3))
+    assert_passed(security.check_bad_request_in_batch(server, payload, rounds=3))
 
 
 # -- load (session server) ------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def test_a_malformed_request_fails_alone_not_its_batch(server, payload):
 
 def test_soak_at_80_percent_of_saturation(server, payload):
     seconds = 60.0 if FULL else 15.0
-    rows = rel.check_soak(server, payload, seconds=seconds, saturation_seconds=8.0 if FULL else 5.0,
+    rows = soak.check_soak(server, payload, seconds=seconds, saturation_seconds=8.0 if FULL else 5.0,
                           low_seconds=10.0 if FULL else 5.0, sweep=(0.5,) if FULL else (),
                           probe_seconds=1.0)  # fmt: skip
     assert_passed(rows, "saturation")
@@ -101,13 +101,13 @@ def test_soak_at_80_percent_of_saturation(server, payload):
 
 
 def test_killing_a_worker_under_load_fails_only_its_requests(own_server, payload):
-    rows = rel.check_kill_worker(own_server, payload, before=2.0, after=3.0)
+    rows = faults.check_kill_worker(own_server, payload, before=2.0, after=3.0)
     assert_passed(rows)
 
 
 def test_scaling_up_and_down_under_load(own_server, payload):
     up = 4 if FULL else 2
-    rows = rel.check_scale(own_server, payload, up=up, synchronous=True, settle=2.0)
+    rows = faults.check_scale(own_server, payload, up=up, synchronous=True, settle=2.0)
     assert_passed(rows, f"-> {up} workers under load")  # scale up: 0 failed requests, all READY
     assert_passed(rows, "clients retrying")  # scale down: retrying clients lose nothing
     # Plain clients may lose requests on scale-down (TorchServe 0.12 drops the job a stopping worker
@@ -119,27 +119,27 @@ def test_scaling_up_and_down_under_load(own_server, payload):
 
 @full_only
 def test_scaling_asynchronously_does_not_stall_clients(own_server, payload):
-    rows = rel.check_scale(own_server, payload, up=4, synchronous=False, settle=2.0)
+    rows = faults.check_scale(own_server, payload, up=4, synchronous=False, settle=2.0)
     assert_passed(rows, "longest client wait")
     assert_passed(rows, "clients retrying")
 
 
 def test_stop_start_cycles_restore_no_state_and_leave_no_process(own_server, payload):
-    assert_passed(rel.check_stop_start(own_server, payload, cycles=3 if FULL else 1))
+    assert_passed(faults.check_stop_start(own_server, payload, cycles=3 if FULL else 1))
 
 
 def test_request_slower_than_the_response_timeout(tmp_path, model_store, payload):
-    store = rel.build_slow_mar(model_store / "cifar3.mar", tmp_path / "store").parent
+    store = faults.build_slow_mar(model_store / "cifar3.mar", tmp_path / "store").parent
     srv = start_server(tmp_path / "server", store)
     try:
-        assert_passed(rel.check_slow_request(srv, payload))
+        assert_passed(faults.check_slow_request(srv, payload))
     finally:
         srv.stop()
 
 
 @pytest.mark.parametrize("kind", ["truncated", "bad-checkpoint", pytest.param("garbage", marks=full_only)])
 def test_corrupt_mar_fails_start_quickly_and_status_says_why(tmp_path, model_store, kind):
-    rows = rel.check_corrupt_mar(tmp_path, model_store / "cifar3.mar", kind)
+    rows = faults.check_corrupt_mar(tmp_path, model_store / "cifar3.mar", kind)
     assert_passed(rows)
 
 
@@ -149,7 +149,7 @@ def test_start_failure_names_the_port_in_use(tmp_path, model_store, server):
     assert taken, "the session server's config names its gRPC ports"
     srv = Server(write_server_config(tmp_path, model_store, **taken), tmp_path / "run")
     try:
-        with pytest.raises(rel.ServerError, match="(?i)bind|address already in use"):
+        with pytest.raises(ServerError, match="(?i)bind|address already in use"):
             srv.start(timeout=120)
     finally:
         srv.stop()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -35,6 +37,7 @@ def point_at(monkeypatch):
             "CIFAR3_TOKEN_FILE",
             "CIFAR3_TOKEN",
             "CIFAR3_TIMEOUT",
+            "CIFAR3_UI_ALLOW_OVERRIDES",
         ):
             monkeypatch.delenv(name, raising=False)
         monkeypatch.setenv("CIFAR3_INFERENCE_URL", inference_url)
@@ -150,7 +153,73 @@ def test_a_rejected_token_is_a_clear_message(server, point_at, tmp_path):
     assert not charts(at)
 
 
-def test_sidebar_settings_override_the_environment(app, server):
+class CapturingServer:
+    """A loopback HTTP server that records every request's path and Authorization header and answers 400
+    InvalidKeyException, as TorchServe does to a request without a valid token."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, str | None]] = []
+        seen = self.seen
+
+        class Handler(BaseHTTPRequestHandler):
+            def answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                seen.append((self.path, self.headers.get("Authorization")))
+                body = json.dumps({"code": 400, "type": "InvalidKeyException", "message": "no"}).encode()
+                self.send_response(400)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = answer  # noqa: N815 (http.server's naming)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self):
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_connection_settings_do_not_exist_by_default(app):
+    assert not app.exception
+    assert not app.sidebar.expander and not app.sidebar.text_input
+    assert not [w for w in app.text_input]
+
+
+def test_typed_urls_never_receive_the_configured_keys(server, point_at, monkeypatch):
+    """With overrides allowed, URLs typed in the sidebar get no key from the key file or CIFAR3_TOKEN."""
+    keys = json.loads(server.key_file.read_text())
+    secrets = {keys["inference"]["key"], keys["management"]["key"], "env-token"}
+    point_at(server.inference_url, server.management_url, str(server.key_file), token="env-token")
+    monkeypatch.setenv("CIFAR3_UI_ALLOW_OVERRIDES", "1")
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    assert not at.exception and [t.key for t in at.sidebar.text_input] == ["inference_url", "management_url", "token"]
+    with CapturingServer() as capture:
+        at.sidebar.text_input(key="inference_url").set_value(capture.url)
+        at.sidebar.text_input(key="management_url").set_value(capture.url).run()
+        upload(at, ("ship.png", encode(sample_image("ship"), "PNG")))
+    assert not at.exception
+    paths = {path for path, _ in capture.seen}
+    assert {"/ping", "/models/cifar3", "/predictions/cifar3"} <= paths, capture.seen
+    assert {auth for _, auth in capture.seen} == {None}, capture.seen
+    assert not any(secret in str(capture.seen) for secret in secrets)
+    assert any("configured keys are sent only to the configured servers" in e.value for e in at.main.error)
+
+
+def test_sidebar_settings_override_the_environment(server, point_at, monkeypatch):
+    point_at(server.inference_url, server.management_url, str(server.key_file))
+    monkeypatch.setenv("CIFAR3_UI_ALLOW_OVERRIDES", "1")
+    app = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
     url = f"http://127.0.0.1:{closed_port()}"
     app.sidebar.text_input(key="inference_url").set_value(url)
     app.run()

@@ -60,9 +60,14 @@ def write_keys(path: Path, inference: str, management: str = "m-key") -> Path:
 
 
 def test_config_defaults_and_env():
-    assert Config.from_env({}) == Config(
-        DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL, str(DEFAULT_TOKEN_FILE), "", DEFAULT_TIMEOUT
+    assert (
+        Config.from_env({})
+        == Config(
+            DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL, str(DEFAULT_TOKEN_FILE), "", DEFAULT_TIMEOUT
+        ).normalized()
     )
+    assert not Config.from_env({}).allow_overrides
+    assert Config.from_env({"CIFAR3_UI_ALLOW_OVERRIDES": "1"}).allow_overrides
     assert DEFAULT_TOKEN_FILE.parts[-2:] == ("run", "key_file.json")
     config = Config.from_env(
         {
@@ -73,10 +78,18 @@ def test_config_defaults_and_env():
             "CIFAR3_TIMEOUT": "2.5",
         }
     )
-    assert config == Config("http://localhost:9080", "http://h:9081", "/k.json", "t", 2.5)
-    assert config.with_overrides(inference_url="http://x:1/", token="") == Config(
-        "http://x:1", "http://h:9081", "/k.json", "", 2.5
+    assert config == Config("http://localhost:9080", "http://h:9081", "/k.json", "t", 2.5).normalized()
+    assert config.key_origins == ("http://h:9081", "http://localhost:9080")
+    typed = config.with_overrides(inference_url="http://x:1/", typed_token=" mine ")
+    assert (typed.inference_url, typed.typed_token, typed.token, typed.token_file) == (
+        "http://x:1",
+        "mine",
+        "t",
+        "/k.json",
     )
+    assert typed.key_origins == config.key_origins  # a typed URL never joins the origins the keys may go to
+    with pytest.raises(ValueError, match="token_file"):
+        config.with_overrides(token_file="/etc/passwd")
 
 
 @pytest.mark.parametrize("value", ["soon", "0", "-1"])
@@ -159,6 +172,7 @@ class FakeServer:
                     fake.requests.append(
                         {
                             "auth": self.headers.get("Authorization"),
+                            "path": self.path,
                             "data": data,
                             "type": self.headers.get("Content-Type"),
                         }
@@ -176,6 +190,8 @@ class FakeServer:
                         fake.active -= 1
 
             def do_GET(self):  # noqa: N802
+                with fake.lock:
+                    fake.requests.append({"auth": self.headers.get("Authorization"), "path": self.path, "data": b""})
                 if self.headers.get("Authorization") != f"Bearer {fake.key}":
                     self.answer(400, INVALID_KEY)
                 elif self.path == "/ping":
@@ -254,6 +270,25 @@ def test_an_explicit_token_wins_and_is_not_retried(tmp_path):
         with pytest.raises(ClientError, match="CIFAR3_TOKEN") as error:
             client.predict(b"x")
         assert error.value.kind == "token" and [r["auth"] for r in fake.requests] == ["Bearer mine"]
+
+
+def test_configured_keys_never_go_to_a_typed_url(tmp_path):
+    """The key file's keys and CIFAR3_TOKEN go only to the configured origins; a typed URL gets the typed
+    token or nothing."""
+    key_file = write_keys(tmp_path / "k.json", "good", management="m-secret")
+    with FakeServer(key="good") as configured, FakeServer(key="typed") as elsewhere:
+        config = Config(configured.url, configured.url, str(key_file), token="env-secret")
+        moved = Cifar3Client(config.with_overrides(inference_url=elsewhere.url, management_url=elsewhere.url))
+        with pytest.raises(ClientError, match="configured keys are sent only to the configured servers") as error:
+            moved.predict(b"x")
+        assert error.value.kind == "token"
+        assert moved.server_state().problems
+        assert elsewhere.requests and {r["auth"] for r in elsewhere.requests} == {None}
+        typed = Cifar3Client(config.with_overrides(inference_url=elsewhere.url, typed_token="typed"))
+        assert typed.predict(b"x").pred_class == "ship"
+        assert elsewhere.requests[-1]["auth"] == "Bearer typed"
+    assert not configured.requests
+    assert {r["path"] for r in elsewhere.requests} >= {"/ping", "/models/cifar3", "/predictions/cifar3"}
 
 
 def test_no_key_file_says_where_it_looked(tmp_path):

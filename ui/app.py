@@ -10,7 +10,9 @@ probability of every class and the round-trip latency. The sidebar shows the ser
 
 The page only speaks HTTP to TorchServe (see ui/client.py; no torch here). Configuration comes
 from CIFAR3_INFERENCE_URL, CIFAR3_MANAGEMENT_URL, CIFAR3_TOKEN_FILE, CIFAR3_TOKEN and
-CIFAR3_TIMEOUT; the sidebar's "Connection settings" override them for the browser session.
+CIFAR3_TIMEOUT, and from nothing a visitor types. With CIFAR3_UI_ALLOW_OVERRIDES=1 (for a page only its
+owner can reach) the sidebar's "Connection settings" let a visitor point the page at another server for
+their browser session; the configured keys are never sent there (see ui/client.py).
 """
 
 from __future__ import annotations
@@ -48,18 +50,21 @@ def cifar3_env() -> tuple[tuple[str, str], ...]:
 
 
 def sidebar_config(defaults: Config) -> Config:
-    """The configuration after the sidebar's overrides (empty fields keep the defaults)."""
+    """The configuration after the sidebar's overrides (empty fields keep the defaults); the configuration as
+    it is unless CIFAR3_UI_ALLOW_OVERRIDES is set."""
+    if not defaults.allow_overrides:
+        return defaults
     with st.sidebar.expander("Connection settings"):
         inference = st.text_input("Inference API", value=defaults.inference_url, key="inference_url")
         management = st.text_input("Management API", value=defaults.management_url, key="management_url")
-        token_file = st.text_input("Token file (key_file.json)", value=defaults.token_file, key="token_file")
         token = st.text_input(
             "Inference token",
             value="",
             type="password",
             key="token",
-            placeholder="from CIFAR3_TOKEN or the token file",
-            help="TorchServe's inference key; leave empty to use CIFAR3_TOKEN or the token file.",
+            placeholder="the configured server's key is used there",
+            help="The inference key of the server typed above. The configured keys are sent only to the "
+            "configured servers, never to a typed address.",
         )
         timeout = st.number_input(
             "Prediction timeout (s)",
@@ -72,8 +77,7 @@ def sidebar_config(defaults: Config) -> Config:
     return defaults.with_overrides(
         inference_url=inference or defaults.inference_url,
         management_url=management or defaults.management_url,
-        token_file=token_file or defaults.token_file,
-        token=token or defaults.token,
+        typed_token=token,
         timeout=timeout,
     )
 

@@ -4,7 +4,7 @@ Plain ``requests``, no streamlit and no torch: ui/app.py is a thin page over the
 tests exercise them directly. Every failure becomes a :class:`ClientError` whose message says what
 happened and what to do, so the page can show it as it is.
 
-Configuration (environment variables; the page's sidebar can override each one):
+Configuration comes from the environment of the process only:
 
 - ``CIFAR3_INFERENCE_URL``  inference API, default http://127.0.0.1:8080
 - ``CIFAR3_MANAGEMENT_URL`` management API, default http://127.0.0.1:8081
@@ -13,10 +13,17 @@ Configuration (environment variables; the page's sidebar can override each one):
 - ``CIFAR3_TOKEN``          an inference key to send instead of the key file's. The management API
   (the sidebar's server state) still uses the key file's management key when the file is readable.
 - ``CIFAR3_TIMEOUT``        seconds to wait for one prediction, default 30
+- ``CIFAR3_UI_ALLOW_OVERRIDES`` ``1`` lets the page's visitors type other server URLs and an inference
+  token (off by default; meant for a page only its owner can open).
+
+Credentials are bound to the configured servers: the key file's keys and ``CIFAR3_TOKEN`` are sent only
+to the origins (scheme, host, port) of the configured URLs, never to a URL typed later
+(:attr:`Config.key_origins`). A token typed with the URL (``typed_token``) is the only one sent there.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -29,6 +36,7 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "cifar3"
@@ -59,6 +67,17 @@ class ClientError(Exception):
 TRANSIENT_STATUSES = (500, 503, 507)
 
 
+def origin(url: str) -> str:
+    """``scheme://host:port`` of a URL, the unit to which credentials are bound."""
+    parts = urlsplit(url)
+    default_port = {"http": 80, "https": 443}.get(parts.scheme)
+    try:
+        port = parts.port or default_port
+    except ValueError:
+        port = None
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
+
+
 def normalize_url(url: str) -> str:
     """``host:port`` or ``http://host:port/`` -> ``http://host:port``."""
     url = url.strip().rstrip("/")
@@ -74,9 +93,14 @@ class Config:
     inference_url: str = DEFAULT_INFERENCE_URL
     management_url: str = DEFAULT_MANAGEMENT_URL
     token_file: str = str(DEFAULT_TOKEN_FILE)
-    token: str = ""  # explicit inference key; empty: read the key file
+    token: str = ""  # explicit inference key (CIFAR3_TOKEN); empty: read the key file
     timeout: float = DEFAULT_TIMEOUT
     model: str = MODEL
+    # Origins that may receive the key file's keys and ``token``: those of the URLs this configuration was
+    # created with (from_env or the constructor); a URL replaced later keeps them out of its requests.
+    key_origins: tuple[str, ...] = ()
+    typed_token: str = ""  # an inference key typed with an overriding URL: sent to whatever URL is set
+    allow_overrides: bool = False  # whether the page offers URL/token fields (CIFAR3_UI_ALLOW_OVERRIDES)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
@@ -94,23 +118,32 @@ class Config:
             token_file=env.get("CIFAR3_TOKEN_FILE") or str(DEFAULT_TOKEN_FILE),
             token=env.get("CIFAR3_TOKEN", ""),
             timeout=seconds,
+            allow_overrides=env.get("CIFAR3_UI_ALLOW_OVERRIDES", "").strip().lower() in ("1", "true", "yes"),
         ).normalized()
 
     def normalized(self) -> Config:
         """URLs with a scheme and no trailing slash, token and path stripped, timeout positive."""
         if self.timeout <= 0:
             raise ClientError(f"the prediction timeout must be positive, not {self.timeout}", "config")
+        inference_url = normalize_url(self.inference_url) or DEFAULT_INFERENCE_URL
+        management_url = normalize_url(self.management_url) or DEFAULT_MANAGEMENT_URL
         return replace(
             self,
-            inference_url=normalize_url(self.inference_url) or DEFAULT_INFERENCE_URL,
-            management_url=normalize_url(self.management_url) or DEFAULT_MANAGEMENT_URL,
+            inference_url=inference_url,
+            management_url=management_url,
             token_file=str(Path(self.token_file.strip() or DEFAULT_TOKEN_FILE).expanduser()),
             token=self.token.strip(),
+            typed_token=self.typed_token.strip(),
+            key_origins=self.key_origins or tuple(sorted({origin(inference_url), origin(management_url)})),
         )
 
     def with_overrides(self, **values: Any) -> Config:
-        """This configuration with the given fields replaced (e.g. from the sidebar), normalized."""
-        return replace(self, **values).normalized()
+        """This configuration with the URLs, ``typed_token`` or timeout replaced (the page's sidebar), normalized.
+        The credentials' origins stay those of the original URLs; the key file cannot be changed this way."""
+        allowed = {"inference_url", "management_url", "typed_token", "timeout"}
+        if set(values) - allowed:
+            raise ValueError(f"only {sorted(allowed)} can be overridden, not {sorted(set(values) - allowed)}")
+        return replace(self.normalized(), **values).normalized()
 
 
 def read_key_file(path: str | Path) -> dict[str, str]:
@@ -132,10 +165,30 @@ def same_host(url_a: str, url_b: str) -> bool:
     return urlsplit(url_a).hostname == urlsplit(url_b).hostname
 
 
-def new_session(pool_size: int = MAX_PARALLEL) -> requests.Session:
-    """A keep-alive session with enough pooled connections for the concurrent predictions."""
+def transient_retry(attempts: int = 1, after_no_answer: bool = False) -> Retry:
+    """Retry a GET or POST up to ``attempts`` times when TorchServe answers 500/503/507: a worker died or was
+    stopped under the request (killed, scaled down, restarted after a timeout); with ``after_no_answer`` also
+    when the connection broke before an answer. Predictions and explanations are idempotent; scaling (PUT) is
+    never retried."""
+    return Retry(
+        total=attempts,
+        connect=attempts,
+        read=attempts if after_no_answer else 0,
+        status=attempts,
+        status_forcelist=TRANSIENT_STATUSES,
+        allowed_methods=frozenset({"GET", "POST"}),
+        backoff_factor=0.1,
+        raise_on_status=False,
+        respect_retry_after_header=False,
+    )
+
+
+def new_session(pool_size: int = MAX_PARALLEL, retries: int = 1, after_no_answer: bool = False) -> requests.Session:
+    """A keep-alive session with enough pooled connections for the concurrent predictions, retrying as
+    transient_retry() says."""
     session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size)
+    retry = transient_retry(retries, after_no_answer)
+    adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=retry)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
@@ -194,6 +247,54 @@ def parse_prediction(payload: Any) -> Prediction:
 
 
 @dataclass(frozen=True)
+class Explanation:
+    """Where the model found the evidence for ``target``: a heat map in [0, 1], rows of the model's input grid."""
+
+    target: str
+    heatmap: list[list[float]]
+    method: str = "grad-cam"
+    layer: str = ""
+
+
+def parse_explanation(payload: Any) -> tuple[Prediction, Explanation]:
+    """The prediction and its explanation from an answer of the explanations API, or ValueError."""
+    prediction = parse_prediction(payload)
+    explanation = payload.get("explanation")
+    if not isinstance(explanation, dict) or not isinstance(explanation.get("target"), str):
+        raise ValueError('expected "explanation": {"target": ..., "heatmap": [[...]], ...}')
+    heatmap = explanation.get("heatmap")
+    try:
+        rows = [[float(v) for v in row] for row in heatmap]
+    except (TypeError, ValueError):
+        raise ValueError('"heatmap" must be a list of rows of numbers') from None
+    if not rows or any(len(row) != len(rows[0]) for row in rows) or not all(0 <= v <= 1 for r in rows for v in r):
+        raise ValueError('"heatmap" must be a non-empty rectangular grid of values in [0, 1]')
+    return prediction, Explanation(
+        explanation["target"], rows, str(explanation.get("method", "")), str(explanation.get("layer", ""))
+    )
+
+
+def overlay_heatmap(image, heatmap: Sequence[Sequence[float]], alpha: float = 0.5, size: int | None = None):
+    """A PIL image: ``image`` (PIL image or encoded bytes) with ``heatmap`` laid over it in a blue (0) -
+    yellow - red (1) colour ramp at opacity ``alpha``; ``size`` pixels per side (default: the image's own).
+    Pillow is imported here so that the client itself needs requests only."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    if isinstance(image, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(image))
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    if size:
+        image = image.resize((size, size), Image.Resampling.NEAREST)  # the pixels the model saw, not smoothed
+    rows, cols = len(heatmap), len(heatmap[0])
+    levels = bytes(round(min(max(float(v), 0.0), 1.0) * 255) for row in heatmap for v in row)
+    heat = Image.frombytes("L", (cols, rows), levels).resize(image.size, Image.Resampling.BILINEAR)
+    colours = ImageOps.colorize(heat, black="#2c3ec8", mid="#ffe34d", white="#e3171b")
+    return Image.blend(image, colours, alpha)
+
+
+@dataclass(frozen=True)
 class ModelStatus:
     """What the management API says about the model."""
 
@@ -241,6 +342,7 @@ class Outcome:
     prediction: Prediction | None = None
     error: str = ""
     kind: str = ""
+    explanation: Explanation | None = None
 
 
 @dataclass(frozen=True)
@@ -269,7 +371,7 @@ class Cifar3Client:
     """
 
     def __init__(self, config: Config, session: requests.Session | None = None):
-        self.config = config
+        self.config = config.normalized()  # also binds the credentials to these URLs when nothing else did
         self.session = session or new_session()
         self._lock = threading.Lock()
         self._keys: dict[str, str] | None = None
@@ -285,8 +387,13 @@ class Cifar3Client:
                 self._keys, self._key_problem = {}, exc.message
             return self._keys
 
-    def _credentials(self, api: str) -> tuple[str, str]:
-        """(key, where it came from: 'explicit', 'file' or 'none') for the 'inference' or 'management' API."""
+    def _credentials(self, api: str, url: str) -> tuple[str, str]:
+        """(key, where it came from: 'typed', 'explicit', 'file', 'withheld' or 'none') for a request to ``url``
+        on the 'inference' or 'management' API. Configured credentials go only to the configured origins."""
+        if api == "inference" and self.config.typed_token:
+            return self.config.typed_token, "typed"
+        if origin(url) not in self.config.key_origins:
+            return "", "withheld"
         if self.config.token and api == "inference":
             return self.config.token, "explicit"
         keys = self._keys if self._keys is not None else self._load_keys()
@@ -296,9 +403,17 @@ class Cifar3Client:
             return self.config.token, "explicit"
         return "", "none"
 
-    def _token_error(self, api: str, source: str) -> ClientError:
+    def _token_error(self, api: str, source: str, url: str) -> ClientError:
         file = self.config.token_file
-        if source == "explicit":
+        if source == "typed":
+            what, todo = "the token typed in the sidebar", f"type that server's current '{api}' key"
+        elif source == "withheld":
+            what = f"a request without token to {origin(url)}"
+            todo = (
+                "the configured keys are sent only to the configured servers; type that server's inference "
+                "token in the sidebar, or configure it with CIFAR3_INFERENCE_URL / CIFAR3_MANAGEMENT_URL"
+            )
+        elif source == "explicit":
             what = "the token from CIFAR3_TOKEN (or the sidebar)"
             todo = f"copy the current '{api}' key from the server's key_file.json, or clear the token to use {file}"
         elif source == "file":
@@ -313,14 +428,14 @@ class Cifar3Client:
 
     def _request(self, method: str, url: str, api: str, timeout: float, **kwargs: Any) -> requests.Response:
         """Send with the API's token; on InvalidKeyException re-read the key file and retry once."""
-        key, source = self._credentials(api)
+        key, source = self._credentials(api, url)
         response = self._send(method, url, key, timeout, **kwargs)
-        if is_invalid_key(response) and source != "explicit":
+        if is_invalid_key(response) and source in ("file", "none"):  # the file may have changed or appeared
             self._load_keys()
-            key, source = self._credentials(api)
+            key, source = self._credentials(api, url)
             response = self._send(method, url, key, timeout, **kwargs)
         if is_invalid_key(response):
-            raise self._token_error(api, source)
+            raise self._token_error(api, source, url)
         return response
 
     def _send(self, method: str, url: str, key: str, timeout: float, **kwargs: Any) -> requests.Response:
@@ -362,10 +477,18 @@ class Cifar3Client:
                 f"the inference API answered /ping with HTTP {response.status_code}: {error_text(response)}", "server"
             )
 
-    def model_status(self, customized: bool = False) -> ModelStatus:
-        """The model's workers and batch size (and, with ``customized``, the handler's metadata)."""
+    def ping_status(self) -> int:
+        """The HTTP status of /ping (TorchServe 0.12 wants the inference token there too); 0: no answer."""
+        try:
+            return self._request("GET", f"{self.config.inference_url}/ping", "inference", STATUS_TIMEOUT).status_code
+        except ClientError:
+            return 0
+
+    def describe(self, customized: bool = False, timeout: float = STATUS_TIMEOUT) -> dict:
+        """The management API's description of the model: workers (id, pid, status, ...), batchSize,
+        minWorkers, ..., and with ``customized`` the handler's metadata."""
         url = f"{self.config.management_url}/models/{self.config.model}" + ("?customized=true" if customized else "")
-        response = self._request("GET", url, "management", STATUS_TIMEOUT)
+        response = self._request("GET", url, "management", timeout)
         if response.status_code == 404:
             raise ClientError(
                 f"model {self.config.model} is not loaded on the server: build model_store/"
@@ -377,9 +500,42 @@ class Cifar3Client:
                 f"the management API answered HTTP {response.status_code}: {error_text(response)}", "server"
             )
         try:
-            return parse_model_status(response.json())
-        except ValueError as exc:
-            raise ClientError(f"unexpected answer from the management API: {exc}", "bad_answer") from None
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if not isinstance(payload, list) or not payload or not isinstance(payload[0], dict):
+            raise ClientError("unexpected answer from the management API: not a list with the model", "bad_answer")
+        return payload[0]
+
+    def model_status(self, customized: bool = False) -> ModelStatus:
+        """The model's workers and batch size (and, with ``customized``, the handler's metadata)."""
+        return parse_model_status([self.describe(customized)])
+
+    def workers(self) -> list[dict]:
+        """The model's workers as the management API lists them (id, pid, status, ...)."""
+        return list(self.describe().get("workers") or [])
+
+    def scale(
+        self, min_workers: int, max_workers: int | None = None, synchronous: bool = True, timeout: float = 300.0
+    ) -> requests.Response:
+        """PUT /models/<model>?min_worker=&max_worker=&synchronous=: TorchServe starts workers up to min_worker
+        but stops them only down to max_worker, so scaling down sets both (default max_worker:
+        max(min_workers, 4), the model-config's maxWorkers). synchronous=true answers when the workers are
+        READY and holds one of the server's netty threads meanwhile."""
+        params = {
+            "min_worker": min_workers,
+            "max_worker": max_workers or max(min_workers, 4),
+            "synchronous": str(synchronous).lower(),
+        }
+        url = f"{self.config.management_url}/models/{self.config.model}"
+        return self._request("PUT", url, "management", timeout, params=params)
+
+    def post(self, path: str, data: bytes, headers: dict[str, str] | None = None, timeout: float | None = None):
+        """POST ``data`` to the inference API's ``/<path>/<model>`` with the inference token; the raw response
+        (for tooling that wants the status and body as they are)."""
+        url = f"{self.config.inference_url}/{path}/{self.config.model}"
+        headers = {"Content-Type": "application/octet-stream", **(headers or {})}
+        return self._request("POST", url, "inference", timeout or self.config.timeout, data=data, headers=headers)
 
     def server_state(self) -> ServerState:
         """Ping, the model's status and its metadata; never raises: failures land in ``problems``."""
@@ -417,61 +573,72 @@ class Cifar3Client:
 
     def predict(self, data: bytes, name: str = "image") -> Prediction:
         """The model's answer for one image's bytes, or ClientError saying why there is none."""
-        for _attempt in range(2):
-            response = self._request(
-                "POST",
-                f"{self.config.inference_url}/predictions/{self.config.model}",
-                "inference",
-                self.config.timeout,
-                data=data,
-                headers={"Content-Type": "application/octet-stream"},
-            )
-            # A worker that died or was stopped under the request (killed, scaled down, restarted after a
-            # timeout) answers 500/503/507; a prediction is idempotent, so one retry hides it from the user.
-            if response.status_code not in TRANSIENT_STATUSES:
-                break
-        status = response.status_code
-        if status == 200:
+        response = self.post("predictions", data)  # the session retries once after 500/503/507
+        if response.status_code == 200:
             try:
                 return parse_prediction(response.json())
             except ValueError as exc:
                 raise ClientError(f"unexpected answer for {name}: {exc}", "bad_answer") from None
+        raise self._failure(response, name, data)
+
+    def explain(self, data: bytes, name: str = "image", target: str | None = None) -> tuple[Prediction, Explanation]:
+        """The prediction and a Grad-CAM heat map for ``target`` (default: the predicted class), or ClientError."""
+        body = {"data": base64.b64encode(data).decode("ascii")} | ({"target": target} if target else {})
+        response = self.post("explanations", json.dumps(body).encode(), {"Content-Type": "application/json"})
+        if response.status_code == 200:
+            try:
+                return parse_explanation(response.json())
+            except ValueError as exc:
+                raise ClientError(f"unexpected explanation for {name}: {exc}", "bad_answer") from None
+        raise self._failure(response, name, data)
+
+    def _failure(self, response: requests.Response, name: str, data: bytes) -> ClientError:
+        """The ClientError for a prediction or explanation the server did not answer with HTTP 200."""
+        status = response.status_code
         if status == 413:
-            raise ClientError(
+            return ClientError(
                 f"{name} ({len(data) / 1e6:.1f} MB) is too large for the server (HTTP 413): "
                 "upload a smaller image, or raise max_request_size in config.properties",
                 "too_large",
             )
         if status == 404:
-            raise ClientError(
+            return ClientError(
                 f"model {self.config.model} is not loaded on the server (HTTP 404: "
                 f"{error_text(response)}): restart it with a model_store holding "
                 f"{self.config.model}.mar",
                 "not_found",
             )
         if status == 400:
-            raise ClientError(f"the server rejected {name}: {error_text(response)}", "rejected")
+            return ClientError(f"the server rejected {name}: {error_text(response)}", "rejected")
         if status == 503:
-            raise ClientError(
+            return ClientError(
                 f"the model has no free worker (HTTP 503: {error_text(response)}): wait a moment and try again",
                 "server",
             )
-        raise ClientError(
+        return ClientError(
             f"the server failed on {name} (HTTP {status}: {error_text(response)}); see run/logs/model_log.log", "server"
         )
 
-    def timed_predict(self, name: str, data: bytes) -> Outcome:
-        """predict() as an Outcome, with the round-trip latency in milliseconds."""
+    def timed_predict(self, name: str, data: bytes, explain: bool = False, target: str | None = None) -> Outcome:
+        """predict() (or with ``explain``, explain() for ``target``) as an Outcome, with the round-trip latency
+        in milliseconds."""
         started = time.perf_counter()
         try:
-            prediction = self.predict(data, name)
+            prediction, explanation = self.explain(data, name, target) if explain else (self.predict(data, name), None)
         except ClientError as exc:
             return Outcome(name, (time.perf_counter() - started) * 1000, error=exc.message, kind=exc.kind)
-        return Outcome(name, (time.perf_counter() - started) * 1000, prediction=prediction)
+        return Outcome(name, (time.perf_counter() - started) * 1000, prediction=prediction, explanation=explanation)
 
-    def predict_many(self, images: Sequence[tuple[str, bytes]], parallel: int = MAX_PARALLEL) -> list[Outcome]:
-        """Outcomes for (name, bytes) pairs, in their order; the requests go out concurrently."""
+    def predict_many(
+        self,
+        images: Sequence[tuple[str, bytes]],
+        parallel: int = MAX_PARALLEL,
+        explain: bool = False,
+        target: str | None = None,
+    ) -> list[Outcome]:
+        """Outcomes for (name, bytes) pairs, in their order; the requests go out concurrently. ``explain``: each
+        outcome also carries a heat map for ``target`` (default: each image's predicted class)."""
         if not images:
             return []
         with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(images))), thread_name_prefix="cifar3") as pool:
-            return list(pool.map(lambda item: self.timed_predict(*item), images))
+            return list(pool.map(lambda item: self.timed_predict(*item, explain=explain, target=target), images))
