@@ -36,15 +36,20 @@ RUN groupadd --system --gid 10001 cifar3 \
 
 WORKDIR /opt/cifar3
 
-# CPU-only torch first (the pinned file names CUDA builds; these are the same versions, CPU wheels),
-# then the same pinned requirements.txt the tests use: torch/torchvision are already satisfied.
+# CPU-only torch first (pyproject.toml pins these versions; the default index has CUDA builds of them),
+# then the project with its `serve` dependencies, pinned as the tests run them: torch is already satisfied.
+# Only the serving core, the HTTP client and the scripts are copied: no training, UI or bench dependencies.
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu \
         torch==2.14.1 torchvision==0.29.1
-COPY requirements.txt requirements.txt
-RUN pip install --no-cache-dir -r requirements.txt
+COPY pyproject.toml README.md ./
+COPY cifar3/ cifar3/
+COPY ui/client.py ui/__init__.py ui/
+COPY scripts/ scripts/
+# The local project, not a registry package: its dependencies are pinned exactly in pyproject.toml.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[serve]"
 
 COPY docker/config.properties config.properties
-COPY scripts/serve.py scripts/serve.py
 # Produced by scripts/archive.sh (see the top of this file); copied last, as it changes most often.
 COPY model_store/cifar3.mar model_store/cifar3.mar
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
@@ -93,7 +94,10 @@ class Dockerfile:
                     json.loads(args) if args.startswith("[") else [p for p in args.split() if not p.startswith("--")]
                 )
                 dest = str(PurePosixPath(workdir, parts[-1])) + ("/" if parts[-1].endswith("/") else "")
-                image.copies += [(src, dest) for src in parts[:-1]]
+                for src in parts[:-1]:
+                    # A file copied into a folder lands there under its own name.
+                    into_folder = dest.endswith("/") and not (ROOT / src).is_dir()
+                    image.copies.append((src, dest + PurePosixPath(src).name if into_folder else dest))
         return image
 
     def all(self, keyword: str) -> list[Instruction]:
@@ -125,12 +129,23 @@ def options(argv: list[str]) -> dict[str, str]:
     return {a: b for a, b in zip(argv, argv[1:], strict=False) if a.startswith("--") and not b.startswith("--")}
 
 
-def pins(requirements: Path) -> dict[str, str]:
-    """name -> version of the name==version lines of a requirements file (other lines skipped)."""
-    found = {}
-    for line in requirements.read_text().splitlines():
-        match = re.match(r"^\s*([A-Za-z0-9_.-]+)==(\S+)", line)
-        if match:
+def pins(extra: str | None = None) -> dict[str, str]:
+    """name -> version of pyproject.toml's ``name==version`` dependencies: the base ones, plus those of an
+    extra and of the extras it names (``cifar3[serve]``)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    found: dict[str, str] = {}
+    pending, seen = [None, extra], set()
+    while pending:
+        group = pending.pop()
+        if group in seen:
+            continue
+        seen.add(group)
+        for spec in project["dependencies"] if group is None else project["optional-dependencies"][group]:
+            if spec.startswith(project["name"] + "["):
+                pending += spec[len(project["name"]) + 1 : -1].split(",")
+                continue
+            match = re.match(r"^([A-Za-z0-9_.-]+)==(\S+)$", spec)
+            assert match, f"pyproject.toml: {spec!r} is not pinned as name==version"
             found[match[1].lower()] = match[2]
     return found
 
@@ -410,19 +425,31 @@ def test_dockerignore_keeps_copied_files_and_drops_the_rest(serving, ui):
     assert dockerignore_excludes("data\n", "data/a/b") and not dockerignore_excludes("x/*\n!x/y\n", "x/y")
 
 
-def test_serving_image_installs_the_tested_requirements_with_cpu_torch(serving):
-    assert re.search(r"^-r requirements\.txt$", (ROOT / "requirements-dev.txt").read_text(), re.M)
-    requirements = serving.copied_to("requirements.txt")
-    assert pip_installs(serving, "-r") == [requirements], "the serving image should pip install -r requirements.txt"
+def project_installs(image: Dockerfile) -> list[tuple[int, str]]:
+    """(index among the RUNs, extras) of each `pip install ".[extras]"` of the copied project."""
+    return [
+        (n, extras)
+        for n, i in enumerate(image.all("RUN"))
+        for extras in re.findall(r'pip install [^&]*"\.\[([\w,]+)\]"', i.args)
+    ]
+
+
+def test_serving_image_installs_the_serve_dependencies_with_cpu_torch(serving):
+    assert serving.copied_to("pyproject.toml") == str(PurePosixPath(serving.last("RUN").workdir, "pyproject.toml"))
+    installs = project_installs(serving)
+    assert [extras for _, extras in installs] == ["serve"], "the serving image should pip install '.[serve]'"
     runs = serving.all("RUN")
-    install = [n for n, i in enumerate(runs) if re.search(r"\bpip install\b", i.args) and " -r " in i.args]
     torch = [n for n, i in enumerate(runs) if "torch==" in i.args]
-    assert len(torch) == 1 and torch[0] < install[0], "CPU torch must be installed before requirements.txt"
+    assert len(torch) == 1 and torch[0] < installs[0][0], "CPU torch must be installed before the project"
     torch_run = runs[torch[0]].args
     assert re.search(rf"--index-url\s+{re.escape(CPU_INDEX)}(\s|$)", torch_run)
-    wanted = pins(ROOT / "requirements.txt")
+    wanted = pins("serve")
     for package in ("torch", "torchvision"):
         assert re.search(rf"(^|\s){package}=={re.escape(wanted[package])}(\s|$)", torch_run), package
+    # Serving needs no training, UI or benchmark dependencies.
+    assert not {"streamlit", "scikit-learn", "matplotlib", "litserve"} & wanted.keys()
+    for package in ("torchserve", "torch-model-archiver", "pyyaml", "onnxruntime", "captum"):
+        assert package in wanted, package
 
 
 def test_images_run_as_the_same_non_root_user(serving, ui):
@@ -492,26 +519,14 @@ def test_docker_config_matches_the_repository_config(serving):
     assert serving.last("ENTRYPOINT").exec_form()[:2] == ["/usr/bin/tini", "-g"]
 
 
-def pip_installs(image: Dockerfile, option: str) -> list[str]:
-    """Container paths given to `pip install <option> PATH` (-r, -c) in the image's RUN instructions."""
-    return [
-        str(PurePosixPath(i.workdir, path))
-        for i in image.all("RUN")
-        if re.search(r"\bpip install\b", i.args)
-        for path in re.findall(rf"\s{option}\s+(\S+)", i.args)
-    ]
-
-
-def test_ui_requirements_are_pinned_like_the_project(ui):
-    """ui/requirements.txt pins what requirements.txt pins to the same versions, the rest to the versions the tests
-    run with; the UI image installs it constrained by requirements.txt (shared dependencies: same versions)."""
-    wanted, ui_pins = pins(ROOT / "requirements.txt"), pins(ROOT / "ui" / "requirements.txt")
-    assert {"streamlit", "requests"} <= ui_pins.keys()
+def test_ui_image_installs_the_ui_dependencies_only(ui):
+    """The UI image installs the project's `ui` extra, pinned to the versions the tests run with, and no torch."""
+    assert [extras for _, extras in project_installs(ui)] == ["ui"]
+    ui_pins = pins("ui")
+    assert {"streamlit", "requests"} <= ui_pins.keys() and not {"torch", "torchvision"} & ui_pins.keys()
     for name, version in ui_pins.items():
-        assert version == (wanted.get(name) or importlib.metadata.version(name)), name
-    assert ui.copied_to("ui/requirements.txt") in pip_installs(ui, "-r")
-    assert ui.copied_to("requirements.txt") in pip_installs(ui, "-c")
-    assert not set(pip_installs(ui, "-r")) & {ui.copied_to("requirements.txt")}, "the UI image installs no torch"
+        assert version == importlib.metadata.version(name), name
+    assert not [src for src, _ in ui.copies if src.startswith(("cifar3", "training", "handler"))]
 
 
 def imported_modules(source: str) -> set[str]:
@@ -527,7 +542,7 @@ def imported_modules(source: str) -> set[str]:
 
 def test_ui_image_installs_what_the_ui_code_imports(ui):
     """Every module ui/ imports is the standard library, repository code the UI image copies, or a distribution
-    pinned in ui/requirements.txt (a direct import must not rely on some other package's dependency)."""
+    pinned in the `ui` extra (a direct import must not rely on some other package's dependency)."""
     cmd = ui.last("CMD").exec_form()
     app = ui.to_repo(str(PurePosixPath(ui.last("CMD").workdir, cmd[2])))
     assert app.is_file(), f"{app} (the UI image's CMD) is missing"
@@ -538,20 +553,20 @@ def test_ui_image_installs_what_the_ui_code_imports(ui):
     ]
     sources = [p for p in copied_files if p.suffix == ".py" and "__pycache__" not in p.parts]
     assert app in sources
-    pinned = set(pins(ROOT / "ui" / "requirements.txt"))
+    pinned = set(pins("ui"))
     providers = importlib.metadata.packages_distributions()
     missing = []
     for source in sources:
         for module in sorted(imported_modules(source.read_text()) - set(sys.stdlib_module_names)):
             local = [ROOT / module, ROOT / f"{module}.py", app.parent / module, app.parent / f"{module}.py"]
             hit = next((p for p in local if p.exists()), None)
-            if hit:  # repository code: app.py puts the folder above ui/ on sys.path, streamlit puts ui/ itself
+            if hit:  # repository code: installed with the project (pip install ".[ui]")
                 if not any(hit == f or hit in f.parents for f in copied_files):
                     missing.append(f"{module} ({hit.relative_to(ROOT)} is not copied into the UI image)")
                 continue
             dists = {d.lower().replace("_", "-") for d in providers.get(module, [])}
             if not dists & pinned:
-                missing.append(f"{module} (distribution {sorted(dists) or '?'} not in ui/requirements.txt)")
+                missing.append(f"{module} (distribution {sorted(dists) or '?'} not in the ui extra)")
     assert not missing, (
         f"{sorted({str(s.relative_to(ROOT)) for s in sources})} import what the UI image lacks: {missing}"
     )
