@@ -8,6 +8,10 @@ Accepted request forms: a raw body (``curl -T img.jpg`` / ``--data-binary @img.j
 form field ``data`` or ``file``, or a JSON body ``{"data": "<base64 image>"}``. A request that is not
 a usable image gets HTTP 400 with ``{"error": ..., "code": 400}``; the other requests of the same
 batch are answered normally.
+
+Under KServe (``TS_SERVICE_ENVELOPE=kserve`` or ``kservev2``, docs/deployment.md) TorchServe's envelope hands
+over the instances of a v1 body ``{"instances": [{"data": "<base64>"}]}`` or the BYTES inputs of an Open
+Inference Protocol (v2) body; see ``handle_kserve``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
+from ts.utils.util import PredictionException
 
 from cifar3.checkpoint import load_checkpoint
 from cifar3.inference import as_model_input, calibrated_probs, dtype_name, inference_dtype, prepare_for_inference
@@ -62,6 +67,34 @@ def request_image_bytes(request: dict, content_type: str = "") -> bytes:
         "no image in the request: send the image as the body, as multipart field 'data' or 'file', "
         'or as JSON {"data": "<base64>"}'
     )
+
+
+# TorchServe's KServe envelopes (TS_SERVICE_ENVELOPE, which KServe's TorchServe runtime sets): the handler
+# gets the v1 "instances" or the v2 "inputs" of one request instead of TorchServe's requests.
+KSERVE_ENVELOPES = ("kserve", "kservev2")
+V1_INSTANCE = '{"data": "<base64 image>"}'
+V2_INPUT = '{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["<base64 image>"]}'
+
+
+def envelope_image_bytes(item, envelope: str) -> bytes:
+    """The image bytes of one v1 instance or v2 input as TorchServe's envelope hands it over, or ImageDecodeError."""
+    if envelope == "kservev2":
+        if not isinstance(item, dict) or item.get("datatype") != "BYTES":
+            raise ImageDecodeError(f"each v2 input must be {V2_INPUT}")
+        # The kservev2 envelope keeps only data[0] of an input: more images in one input would be lost.
+        if item.get("shape") not in ([1], [-1]):
+            raise ImageDecodeError(f"one image per v2 input, shape [1] (send more images as more inputs): {V2_INPUT}")
+        encoded = item.get("data")
+    else:
+        encoded = item.get("data") if isinstance(item, dict) else None
+        if not isinstance(encoded, str):
+            raise ImageDecodeError(f"each v1 instance must be {V1_INSTANCE}")
+    if not isinstance(encoded, str):
+        raise ImageDecodeError(f"the image must be a base64 string: {V2_INPUT}")
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageDecodeError("malformed base64 image data") from None
 
 
 def error_body(message: str, code: int = 400) -> str:
@@ -138,6 +171,9 @@ class Cifar3Handler(BaseHandler):
         self.context = context
         if self._is_describe():
             return [self.describe_handle()]
+        envelope = os.environ.get("TS_SERVICE_ENVELOPE", "")
+        if envelope in KSERVE_ENVELOPES:
+            return self.handle_kserve(data, context, envelope)
         batch, errors = self.preprocess(data)
         answers = iter(self.postprocess(self.inference(batch)) if batch is not None else [])
         responses = []
@@ -156,6 +192,31 @@ class Cifar3Handler(BaseHandler):
         metrics.add_counter("ImagesRejected", len(errors))
         metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2), None, "ms")
         return responses
+
+    def handle_kserve(self, data, context, envelope):
+        """The answers to one KServe request: a list, one answer per v1 instance (TorchServe's kserve envelope
+        wraps it in {"predictions": [...]}), or one JSON string per v2 input (the kservev2 envelope makes each a
+        BYTES output named after its input). A bad instance or input fails the whole request with HTTP 400
+        and a JSON message naming it; the envelopes answer once per request, so no other request shares it."""
+        items, kind = data or [], "input" if envelope == "kservev2" else "instance"
+        images, errors = [], []
+        for idx, item in enumerate(items):
+            try:
+                images.append(decode_image(envelope_image_bytes(item, envelope), self.max_pixels))
+            except ImageDecodeError as exc:
+                errors.append(f"{kind} {idx}: {exc}")
+        if not items:
+            errors.append(f"no {kind}s in the request: send {V2_INPUT if kind == 'input' else V1_INSTANCE}")
+        metrics = context.metrics
+        metrics.add_counter("InferenceBatches", 1)
+        metrics.add_counter("ImagesRejected", len(errors))
+        if errors:
+            raise PredictionException("; ".join(errors), 400)
+        metrics.add_counter("ImagesClassified", len(images))
+        batch = eval_transform(images, self.meta.image_size, self.meta.mean, self.meta.std)
+        answers = self.postprocess(self.inference(batch))
+        context.set_response_content_type(0, JSON_CONTENT_TYPE)
+        return [json.dumps(answer) for answer in answers] if envelope == "kservev2" else answers
 
     def describe_handle(self):
         meta = self.meta
