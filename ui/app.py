@@ -200,9 +200,10 @@ def main() -> None:
     show_server_state(status_box, state, config)
 
     classes = state.model.metadata.get("classes") if state.model else None
-    classes = classes if isinstance(classes, list) and classes else ["airplane", "automobile", "ship"]
+    # The served model names its classes; until the server says, the page does not guess them.
+    told = ", ".join(map(str, classes)) if isinstance(classes, list) and classes else "the classes of its checkpoint"
     st.title("cifar3 image classifier")
-    st.caption(f"A ResNet18 served by TorchServe at {config.inference_url} tells {', '.join(map(str, classes))} apart.")
+    st.caption(f"A ResNet18 served by TorchServe at {config.inference_url} tells {told} apart.")
     if state.blocking:
         st.error(f"The server cannot classify images right now: {state.blocking}")
     elif state.problems:
