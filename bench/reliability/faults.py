@@ -75,7 +75,7 @@ def check_kill_worker(
     in_flight = [c for c in calls if c.start <= killed_at < c.end]
     failed_in_flight = [c for c in failed if c.start <= killed_at < c.end]
     # TorchServe learns of the death when the worker's socket closes, a moment after the kill; a request it
-    # routed to that worker in the meantime fails as those in flight do (HTTP 507). Seen once in CI.
+    # routed to that worker in the meantime fails as those in flight do (HTTP 507).
     routed_to_dead = [c for c in failed if killed_at < c.start <= killed_at + DEATH_NOTICED_S and c.status == 507]
     after_recovery = [c for c in calls if c.start >= recovered_at]
     failed_later = [c for c in after_recovery if not c.ok]
@@ -125,8 +125,8 @@ def scale(
     return response.status_code, time.monotonic() - started
 
 
-# A synchronous scale-up answers once the new workers are READY: 9-16 s for 2 more workers under load
-# on 2 cores in our runs. Longer means workers start too slowly, not just TorchServe's blocking PUT.
+# A synchronous scale-up answers once the new workers are READY, a few seconds per worker on 2 cores
+# (reports/reliability.md); longer means workers start too slowly, not just TorchServe's blocking PUT.
 SYNC_SCALE_UP_LIMIT_S = 20.0
 
 
@@ -184,9 +184,9 @@ def check_scale(
     retried = sum(c.attempts > 1 for c in retry_down)
     plain_failed = [c for c in plain_down if not c.ok]
     # TorchServe 0.12 ends a job that a stopping worker has just taken with HTTP 500 "Worker died."
-    # (it has no draining). The issue asks for such losses to be counted and mitigated on our side:
-    # they pass when they are the only failures, no more than the stopping workers' batches can hold,
-    # and the retrying clients (the next row) lose nothing.
+    # (it has no draining), so such losses are counted and mitigated on the client side: they pass when
+    # they are the only failures, no more than the stopping workers' batches can hold, and the retrying
+    # clients (the next row) lose nothing.
     dropped = [c for c in plain_failed if c.status == 500 and "Worker died" in c.error]
     drop_bound = (up - 1) * batch_size
     return [
