@@ -9,6 +9,13 @@ form field ``data`` or ``file``, or a JSON body ``{"data": "<base64 image>"}``. 
 a usable image gets HTTP 400 with ``{"error": ..., "code": 400}``; the other requests of the same
 batch are answered normally.
 
+Explanations (``POST /explanations/cifar3``, which TorchServe routes here with the request header
+``explain: True``) take the same three forms and answer the prediction plus ``"explanation"``: a Grad-CAM
+heat map (cifar3/explain.py) for the predicted class, or for the class named by ``target``: a multipart
+field (``-F data=@img.jpg -F target=ship``) or a JSON key (``{"data": "<base64>", "target": "ship"}``).
+TorchServe 0.12 does not pass a URL's query string to the handler, so a raw body always explains the
+predicted class. An unknown class gets HTTP 400. Explanation and prediction requests may share a batch.
+
 Under KServe (``TS_SERVICE_ENVELOPE=kserve`` or ``kservev2``, docs/deployment.md) TorchServe's envelope hands
 over the instances of a v1 body ``{"instances": [{"data": "<base64>"}]}`` or the BYTES inputs of an Open
 Inference Protocol (v2) body; see ``handle_kserve``.
@@ -34,6 +41,7 @@ from cifar3.preprocessing import MAX_IMAGE_PIXELS, ImageDecodeError, decode_imag
 logger = logging.getLogger(__name__)
 
 INPUT_FIELDS = ("data", "file", "body")  # where an image may arrive, in this order of preference
+TARGET_FIELD = "target"  # the class to explain: multipart field or JSON key
 JSON_CONTENT_TYPE = "application/json"
 
 
@@ -97,12 +105,28 @@ def envelope_image_bytes(item, envelope: str) -> bytes:
         raise ImageDecodeError("malformed base64 image data") from None
 
 
+def explain_target(request: dict, classes: list[str]) -> int | None:
+    """The index of the class a request asks to explain (None: the predicted one), or ValueError."""
+    body = next((request[f] for f in INPUT_FIELDS if isinstance(request.get(f), dict)), {})
+    value = body.get(TARGET_FIELD, request.get(TARGET_FIELD))
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("utf-8", "replace")
+    name = str(value).strip()
+    if name not in classes:
+        raise ValueError(f"unknown target class {name[:100]!r}: choose one of {', '.join(classes)}")
+    return classes.index(name)
+
+
 def error_body(message: str, code: int = 400) -> str:
     return json.dumps({"error": message, "code": code})
 
 
 class Cifar3Handler(BaseHandler):
     """ResNet18 classifier over the classes its checkpoint names."""
+
+    _explainer = None  # GradCam, built by explainer() on the first explanation request
 
     def initialize(self, context):
         properties = context.system_properties
@@ -175,15 +199,23 @@ class Cifar3Handler(BaseHandler):
         if envelope in KSERVE_ENVELOPES:
             return self.handle_kserve(data, context, envelope)
         batch, errors = self.preprocess(data)
-        answers = iter(self.postprocess(self.inference(batch)) if batch is not None else [])
+        decoded = [idx for idx in range(len(data)) if idx not in errors]
+        answers = dict(zip(decoded, self.postprocess(self.inference(batch)) if batch is not None else [], strict=True))
+        failed = {}  # request index -> message, for explanations that failed on the server's side
+        explain = [idx for idx in decoded if context.get_request_header(idx, "explain") == "True"]
+        if explain:
+            self.add_explanations(data, batch, decoded, explain, answers, errors, failed)
         responses = []
         for idx in range(len(data)):
             context.set_response_content_type(idx, JSON_CONTENT_TYPE)
             if idx in errors:
                 context.set_response_status(400, "Bad Request", idx)
                 responses.append(error_body(errors[idx]))
+            elif idx in failed:
+                context.set_response_status(500, "Internal Server Error", idx)
+                responses.append(error_body(failed[idx], 500))
             else:
-                responses.append(json.dumps(next(answers)))
+                responses.append(json.dumps(answers[idx]))
         # Counters for Prometheus (config.properties: model_metrics_auto_detect=true); their ratio is
         # the mean dynamic batch size.
         metrics = context.metrics
@@ -217,6 +249,51 @@ class Cifar3Handler(BaseHandler):
         answers = self.postprocess(self.inference(batch))
         context.set_response_content_type(0, JSON_CONTENT_TYPE)
         return [json.dumps(answer) for answer in answers] if envelope == "kservev2" else answers
+
+    def explainer(self):
+        """Grad-CAM on a float32 PyTorch model of the same checkpoint, whichever engine serves predictions.
+
+        Built on the first explanation request, not in initialize(): a worker that only predicts never
+        loads captum or a second copy of the weights, so its start-up and memory stay as they were; the
+        first explanation a worker answers pays for the load instead.
+        """
+        if self._explainer is None:
+            from cifar3.explain import GradCam  # captum: needed only here
+
+            properties = self.context.system_properties
+            checkpoint = os.path.join(properties["model_dir"], self.manifest["model"]["serializedFile"])
+            model, meta = load_checkpoint(checkpoint, self.device)
+            self._explainer = GradCam(model, meta.image_size)
+        return self._explainer
+
+    def add_explanations(self, data, batch, decoded, explain, answers, errors, failed):
+        """Attach a heat map to the answers of the ``explain`` requests; a request naming an unknown class
+        moves to ``errors`` (400), a failure of the explainer to ``failed`` (500), the others keep theirs."""
+        targets = {}
+        for idx in explain:
+            try:
+                target = explain_target(data[idx], self.meta.classes)
+            except ValueError as exc:
+                errors[idx] = str(exc)
+                continue
+            targets[idx] = self.meta.classes.index(answers[idx]["pred_class"]) if target is None else target
+        if not targets:
+            return
+        try:
+            explainer = self.explainer()
+            rows = [decoded.index(idx) for idx in targets]
+            maps = explainer.heatmaps(batch[rows], list(targets.values()))
+        except Exception:  # a bug must cost the explanations, never the batch's predictions
+            logger.exception("explanation failed for requests %s", list(targets))
+            failed.update((idx, "the explanation failed on the server; see its model_log.log") for idx in targets)
+            return
+        for (idx, target), heatmap in zip(targets.items(), maps, strict=True):
+            answers[idx]["explanation"] = {
+                **explainer.describe(),
+                "target": self.meta.classes[target],
+                "heatmap": [[round(v, 4) for v in row] for row in heatmap.tolist()],
+            }
+        self.context.metrics.add_counter("ImagesExplained", len(targets))
 
     def describe_handle(self):
         meta = self.meta
