@@ -294,6 +294,8 @@ def test_v2_bad_input_gets_400_json_naming_the_input(v2_server):
 def test_v2_concurrent_requests_each_get_their_own_answer(v2_server):
     """batchSize 1 (the layout): 24 distinct images from 8 clients at once, each answer equal to the answer
     the same image gets alone."""
+    model = requests.get(f"{v2_server.management_url}/models/cifar3", timeout=30).json()[0]
+    assert model["batchSize"] == 1 and len(model["workers"]) == 2  # the snapshot's, over the archive's batchSize
     images = [png(100 + i) for i in range(24)]
     url = f"{v2_server.inference_url}/v2/models/cifar3/infer"
 
@@ -364,6 +366,7 @@ def test_kservev2_envelope_breaks_batches_of_two_or_more(layout, tmp_path):
     server = RuntimeServer(layout, tmp_path, "kservev2", batch_size=8)
     try:
         server.start()
+        assert requests.get(f"{server.management_url}/models/cifar3", timeout=30).json()[0]["batchSize"] == 8
         url = f"{server.inference_url}/v2/models/cifar3/infer"
         with ThreadPoolExecutor(8) as pool:
             statuses = list(pool.map(lambda i: requests.post(url, json=v2_body(png(i)), timeout=120), range(8)))
