@@ -30,6 +30,8 @@ from conftest import ROOT, free_ports, run_cli
 from PIL import Image
 from synthetic import class_images
 
+from cifar3.preprocessing import ImageDecodeError
+from handler.cifar3_handler import envelope_image_bytes
 from scripts.serve import Server, read_properties
 
 K8S_REFERENCE = ROOT.parent / "shared" / "k8s"
@@ -40,7 +42,7 @@ MOUNT = "/mnt/models"  # where KServe mounts the storage URI
 CLASSES = ["airplane", "automobile", "ship"]
 PORT_KEYS = {"inference_address": 8085, "management_address": 8081, "metrics_address": 8082}
 
-pytestmark = pytest.mark.skipif(not RUNTIME.is_file(), reason=f"no KServe reference files at {K8S_REFERENCE}")
+needs_runtime = pytest.mark.skipif(not RUNTIME.is_file(), reason=f"no KServe reference files at {K8S_REFERENCE}")
 
 
 # --- the layout ---------------------------------------------------------------------------------
@@ -61,6 +63,7 @@ def runtime_container() -> dict:
     return container
 
 
+@needs_runtime
 def test_layout_is_what_the_runtime_starts(layout, model_store):
     """The runtime's --model-store and --ts-config name the layout's folders, and the config says what KServe
     needs: inference on 8085 behind the wrapper's 8080, metrics on 8082 for Prometheus, the envelope from the
@@ -108,6 +111,38 @@ def test_layout_script_refuses_what_it_cannot_serve(tmp_path):
     bad = run_cli("bash", str(LAYOUT_SCRIPT), str(tmp_path / "out"), str(tmp_path / "bad.mar"))
     assert bad.returncode == 1 and "is not a model archive" in bad.stderr
     assert not (tmp_path / "out").exists(), "nothing is written for an archive that cannot be served"
+
+
+# --- the handler's side of the envelopes, without TorchServe ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("item", "envelope"),
+    [
+        ({"name": "a", "shape": [1], "datatype": "BYTES", "data": "aGVsbG8="}, "kservev2"),  # the envelope took data[0]
+        ({"name": "a", "shape": [-1], "datatype": "BYTES", "data": "aGVsbG8="}, "kservev2"),
+        ({"data": "aGVsbG8="}, "kserve"),
+    ],
+)
+def test_envelope_items_give_the_image_bytes(item, envelope):
+    assert envelope_image_bytes(item, envelope) == b"hello"
+
+
+@pytest.mark.parametrize(
+    ("item", "envelope", "message"),
+    [
+        ({"name": "a", "shape": [1], "datatype": "FP32", "data": [1.0]}, "kservev2", '"datatype": "BYTES"'),
+        ({"name": "a", "shape": [2], "datatype": "BYTES", "data": "aGVsbG8="}, "kservev2", "one image per v2 input"),
+        ({"name": "a", "shape": [1], "datatype": "BYTES", "data": 7}, "kservev2", "base64 string"),
+        ({"name": "a", "shape": [1], "datatype": "BYTES", "data": "a!b"}, "kservev2", "malformed base64"),
+        ("aGVsbG8=", "kserve", '{"data": "<base64 image>"}'),
+        ({"b64": "aGVsbG8="}, "kserve", '{"data": "<base64 image>"}'),
+        ({"data": "a b"}, "kserve", "malformed base64"),
+    ],
+)
+def test_envelope_items_that_hold_no_image_say_what_to_send(item, envelope, message):
+    with pytest.raises(ImageDecodeError, match=re.escape(message)):
+        envelope_image_bytes(item, envelope)
 
 
 # --- TorchServe as the runtime starts it ---------------------------------------------------------
@@ -243,6 +278,7 @@ def assert_bad_request(response: requests.Response, *fragments: str) -> None:
         assert fragment in message, message
 
 
+@needs_runtime
 @pytest.mark.server
 def test_v2_inference_answers_class_and_probabilities(v2_server):
     """The Open Inference Protocol body KServe's wrapper forwards, on TorchServe's v2 route and its plain one,
@@ -272,6 +308,7 @@ def test_v2_inference_answers_class_and_probabilities(v2_server):
         assert a["probs"] == pytest.approx(b["probs"], abs=0.02)  # a batch of 3 vs 1 (bfloat16 on this CPU)
 
 
+@needs_runtime
 @pytest.mark.server
 def test_v2_bad_input_gets_400_json_naming_the_input(v2_server):
     url = f"{v2_server.inference_url}/v2/models/cifar3/infer"
@@ -290,6 +327,7 @@ def test_v2_bad_input_gets_400_json_naming_the_input(v2_server):
     assert_answer(v2_answers(requests.post(url, json=v2_body(png(5)), timeout=60))[0])
 
 
+@needs_runtime
 @pytest.mark.server
 def test_v2_concurrent_requests_each_get_their_own_answer(v2_server):
     """batchSize 1 (the layout): 24 distinct images from 8 clients at once, each answer equal to the answer
@@ -308,6 +346,7 @@ def test_v2_concurrent_requests_each_get_their_own_answer(v2_server):
     assert concurrent == alone
 
 
+@needs_runtime
 @pytest.mark.server
 def test_v1_inference_answers_predictions_and_rejects_bad_instances(v1_server):
     """KServe v1 ({"instances": [{"data": "<base64>"}]}) with TS_SERVICE_ENVELOPE=kserve."""
@@ -337,6 +376,7 @@ def test_v1_inference_answers_predictions_and_rejects_bad_instances(v1_server):
 PROMETHEUS_LINE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_]\w*="[^"]*",?)*\})? -?[0-9.eE+-]+|NaN$')
 
 
+@needs_runtime
 @pytest.mark.server
 def test_metrics_endpoint_answers_in_prometheus_format(v2_server):
     """Port 8082 (the runtime's prometheus.kserve.io/port) in Prometheus text format, with the handler's counters."""
@@ -358,6 +398,7 @@ def test_metrics_endpoint_answers_in_prometheus_format(v2_server):
     assert samples["ts_inference_requests_total"] >= 2
 
 
+@needs_runtime
 @pytest.mark.server
 def test_kservev2_envelope_breaks_batches_of_two_or_more(layout, tmp_path):
     """Why the layout sets batchSize 1: with batching on, TorchServe's kservev2 envelope reads the first request
