@@ -21,6 +21,9 @@ def native_bfloat16(device: torch.device) -> bool:
     supports it. Elsewhere bfloat16 is emulated and slower than float32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    # ATen restricted below AVX-512 (ATEN_CPU_CAPABILITY=avx2, or a CPU without it): bfloat16 is emulated.
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
     # torch's own CPU feature probes (used by its compiler); absent in some builds, then: no.
     probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return any(probe() for probe in probes if probe is not None)

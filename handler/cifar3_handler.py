@@ -35,7 +35,8 @@ from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
 from cifar3.checkpoint import load_checkpoint
-from cifar3.inference import as_model_input, calibrated_probs, dtype_name, inference_dtype, prepare_for_inference
+from cifar3.engine import ONNX_FILE, load_engine
+from cifar3.inference import calibrated_probs
 from cifar3.preprocessing import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, eval_transform
 
 logger = logging.getLogger(__name__)
@@ -133,27 +134,26 @@ class Cifar3Handler(BaseHandler):
         self.manifest = context.manifest
         self.model_yaml_config = context.model_yaml_config or {}
         options = self.model_yaml_config.get("handler", {}) or {}
-        if options.get("torch_threads"):
-            torch.set_num_threads(int(options["torch_threads"]))
         gpu_id = properties.get("gpu_id")
         use_cuda = torch.cuda.is_available() and gpu_id is not None
         self.device = torch.device(f"cuda:{gpu_id}" if use_cuda else "cpu")
-        checkpoint = os.path.join(properties["model_dir"], self.manifest["model"]["serializedFile"])
-        self.model, self.meta = load_checkpoint(checkpoint, self.device)
-        self.dtype = inference_dtype(str(options.get("dtype", "auto")), self.device)
-        self.model = prepare_for_inference(self.model, self.dtype)
+        model_dir = properties["model_dir"]
+        self.requested_engine = str(options.get("engine", "auto"))
+        # cifar3/engine.py decides what "auto" means here, exactly as training.evaluate --engine does.
+        self.engine, self.meta = load_engine(
+            os.path.join(model_dir, self.manifest["model"]["serializedFile"]),
+            self.requested_engine,
+            device=self.device,
+            dtype=str(options.get("dtype", "auto")),
+            threads=options.get("threads"),
+            onnx_path=os.path.join(model_dir, ONNX_FILE),
+        )
         self.max_pixels = int(options.get("max_image_pixels", MAX_IMAGE_PIXELS))
         # One forward pass now, so the first real request does not pay for lazy initialisation.
         self.inference(torch.zeros(1, 3, self.meta.image_size, self.meta.image_size))
         self.initialized = True
-        logger.info(
-            "cifar3 model ready: %s on %s in %s, classes %s, %d torch threads",
-            self.meta.variant,
-            self.device,
-            self.dtype,
-            self.meta.classes,
-            torch.get_num_threads(),
-        )
+        logger.info("cifar3 model ready: %s, classes %s, %s", self.meta.variant, self.meta.classes,
+                    self.engine.describe())  # fmt: skip
 
     def _content_type(self, idx: int) -> str:
         for name in ("Content-Type", "content-type"):
@@ -176,9 +176,8 @@ class Cifar3Handler(BaseHandler):
         batch = eval_transform(images, self.meta.image_size, self.meta.mean, self.meta.std) if images else None
         return batch, errors
 
-    @torch.inference_mode()
     def inference(self, data, *args, **kwargs):
-        return calibrated_probs(self.model(as_model_input(data, self.model)).float().cpu(), self.meta.temperature)
+        return calibrated_probs(self.engine(data), self.meta.temperature)
 
     def postprocess(self, data):
         classes = self.meta.classes
@@ -306,8 +305,9 @@ class Cifar3Handler(BaseHandler):
                 "temperature": meta.temperature,
                 "trained": meta.created,
                 "epoch": meta.epoch,
-                "device": str(self.device),
-                "dtype": dtype_name(self.dtype),
+                # what runs the forward pass: engine, dtype, threads, device (requested: model-config's engine)
+                **self.engine.describe(),
+                "engine_requested": self.requested_engine,
                 "max_image_pixels": self.max_pixels,
             }
         )

@@ -21,7 +21,8 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from cifar3.checkpoint import load_checkpoint
-from cifar3.inference import calibrated_probs, inference_dtype, predict_logits, prepare_for_inference
+from cifar3.engine import ONNX_FILE, choose_engine, load_engine, predict_probs
+from cifar3.inference import calibrated_probs, dtype_name, predict_logits
 from cifar3.preprocessing import ImageDecodeError, decode_image, pil_to_uint8
 from handler.cifar3_handler import Cifar3Handler
 
@@ -31,7 +32,7 @@ TS_METRICS = Path(sys.modules["ts"].__file__).parent / "configs" / "metrics.yaml
 
 def make_context(model_dir: Path, headers: list[dict] | None = None) -> Context:
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
-    config = {"handler": {"torch_threads": 1}}
+    config = {"handler": {"threads": 1}}
     context = Context("cifar3", str(model_dir), manifest, 16, None, "0.12.0",
                       metrics=MetricsCacheYamlImpl(str(TS_METRICS)), model_yaml_config=config)  # fmt: skip
     context.request_processor = [RequestProcessor(h) for h in headers or [{}]]
@@ -182,8 +183,10 @@ def test_describe_returns_the_checkpoint_metadata(handler, tiny_checkpoint):
     _, meta = load_checkpoint(tiny_checkpoint)
     assert described["classes"] == CLASSES and described["variant"] == meta.variant
     assert described["val_accuracy"] == meta.val_accuracy and described["trained"] == meta.created
-    # model-config's dtype: auto, resolved for this machine exactly as training.evaluate resolves it
-    assert described["dtype"] == str(inference_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    # model-config's engine and dtype: auto, resolved for this machine exactly as training.evaluate resolves them
+    choice = choose_engine("auto", torch.device("cpu"))
+    assert described["engine"] == choice.engine and described["dtype"] == dtype_name(choice.dtype)
+    assert described["threads"] == 1 and described["engine_requested"] == "auto"
 
 
 def test_handler_probabilities_equal_in_process_evaluation(handler, model_dir, tiny_checkpoint):
@@ -197,7 +200,8 @@ def test_handler_probabilities_equal_in_process_evaluation(handler, model_dir, t
     _, bodies = handle(handler, model_dir, [{"body": encode(im)} for im in images])
     served = torch.tensor([[b["probs"][c] for c in CLASSES] for b in bodies])
     float32 = probs(model)
-    assert torch.allclose(served, probs(prepare_for_inference(model, handler.dtype)), atol=1e-5)
+    same_engine, _ = load_engine(tiny_checkpoint, "auto", threads=1)
+    assert torch.allclose(served, predict_probs(same_engine, meta, uint8), atol=1e-5)
     assert torch.allclose(served, float32, atol=0.02)  # bfloat16 where the CPU has it: within 0.02 of float32
 
 
@@ -221,7 +225,7 @@ print(cifar3.__file__, cifar3_handler.__file__, meta.classes)
 
 def test_archive_contents(model_store):
     names = set(zipfile.ZipFile(model_store / "cifar3.mar").namelist())
-    expected = {"cifar3.pt", "cifar3_handler.py", "model-config.yaml", "MAR-INF/MANIFEST.json"}
+    expected = {"cifar3.pt", "cifar3_handler.py", "model-config.yaml", "MAR-INF/MANIFEST.json", ONNX_FILE}
     expected |= {f"cifar3/{path.name}" for path in (ROOT / "cifar3").glob("*.py")}
     assert names == expected
 

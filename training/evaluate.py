@@ -7,7 +7,8 @@ folder is evaluated whole. Writes ``DIR/metrics.json`` and ``DIR/confusion_matri
 ``--predictions``, one CSV row of calibrated probabilities per image). The last stdout line is one
 JSON object with at least ``accuracy`` and ``n``, for other tools to parse. The forward pass runs as the
 served handler runs it (``--dtype auto``: bfloat16 on hardware that computes it natively), so the
-figures are the served model's.
+figures are the served model's: ``--engine`` (default auto) and ``--dtype`` pick the engine exactly as the handler's
+``handler.engine`` and ``handler.dtype`` do (cifar3/engine.py), and metrics.json records which ran.
 """
 
 from __future__ import annotations
@@ -22,15 +23,9 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
-from cifar3.checkpoint import CheckpointError, ModelMeta, load_checkpoint
-from cifar3.inference import (
-    DTYPES,
-    calibrated_probs,
-    dtype_name,
-    inference_dtype,
-    predict_logits,
-    prepare_for_inference,
-)
+from cifar3.checkpoint import CheckpointError, ModelMeta
+from cifar3.engine import ENGINES, Engine, load_engine, predict_probs
+from cifar3.inference import DTYPES
 from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, limit_per_class, load_split, stratified_split
 
 
@@ -61,11 +56,9 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
     plt.close(fig)
 
 
-def evaluate(
-    model: torch.nn.Module, meta: ModelMeta, images: torch.Tensor, labels: torch.Tensor
-) -> tuple[dict, np.ndarray]:
+def evaluate(engine: Engine, meta: ModelMeta, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict, np.ndarray]:
     """(metrics, calibrated probabilities N x C) for uint8 images with labels in meta.classes order."""
-    probs = calibrated_probs(predict_logits(model, images, meta.mean, meta.std), meta.temperature).numpy()
+    probs = predict_probs(engine, meta, images).numpy()
     y_true, y_pred = labels.numpy(), probs.argmax(1)
     label_ids = list(range(len(meta.classes)))
     report = classification_report(
@@ -120,28 +113,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="numeric type of the forward pass; auto = bfloat16 where the hardware computes it "
                         "natively, else float32, exactly as the served handler does (default: auto)")  # fmt: skip
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="what runs the forward pass: torch, onnxruntime (the checkpoint exported to ONNX now, as "
+                        "scripts/archive.sh does), or auto = the fastest for this hardware, as the handler "
+                        "decides (default: auto)")  # fmt: skip
+    p.add_argument("--threads", type=int, help="intra-op threads (default: torch's; the server uses handler.threads)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        model, meta = load_checkpoint(args.checkpoint, args.device)
+        engine, meta = load_engine(args.checkpoint, args.engine, device=args.device, dtype=args.dtype,
+                                   threads=args.threads)  # fmt: skip
         data = (
             validation_split(meta, args.data_root)
             if args.validation
             else load_split(args.data, meta.classes, "test", args.data_root)
         )
-    except (CheckpointError, DataError) as exc:
+    except (CheckpointError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    dtype = inference_dtype(args.dtype, torch.device(args.device))
-    metrics, probs = evaluate(prepare_for_inference(model, dtype), meta, data.images, data.labels)
-    metrics["data"], metrics["dtype"] = data.source, dtype_name(dtype)
+    metrics, probs = evaluate(engine, meta, data.images, data.labels)
+    metrics["data"] = data.source
+    metrics |= engine.describe()  # engine, dtype, threads, device: what produced these figures
     args.report_dir.mkdir(parents=True, exist_ok=True)
     y_pred = probs.argmax(1)
-    print(f"{data.source}: {metrics['n']} images, {metrics['dtype']}, accuracy {metrics['accuracy']:.4f}, "
-          f"ECE {metrics['ece']:.4f}\n")  # fmt: skip
+    print(f"{data.source}: {metrics['n']} images, {metrics['engine']} {metrics['dtype']}, "
+          f"accuracy {metrics['accuracy']:.4f}, ECE {metrics['ece']:.4f}\n")  # fmt: skip
     print(
         classification_report(
             data.labels.numpy(),

@@ -1,0 +1,178 @@
+"""The inference engine switch: which runtime computes the logits, decided in one place.
+
+    engine, meta = load_engine("checkpoints/cifar3.pt", "auto", onnx_path="cifar3.onnx", threads=1)
+    probs = predict_probs(engine, meta, uint8_images)
+
+Engines (``handler.engine`` in model-config.yaml, ``training.evaluate --engine``, the benchmark):
+
+- ``torch``: the checkpoint's model in PyTorch eager, BatchNorm folded, in ``dtype`` (cifar3/inference.py);
+- ``onnxruntime``: the same state dict exported to ONNX (cifar3/export.py, at archive time) and run by
+  ONNX Runtime's CPU provider in float32; probabilities within 1e-4 of PyTorch float32;
+- ``auto``: the fastest of them for the hardware, decided by ``choose_engine`` below and nowhere else.
+
+Whoever serves, evaluates or measures calls ``load_engine``, so they run the same engine, dtype and
+threads; ``Engine.describe()`` says which (the describe API reports it).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cifar3.checkpoint import ModelMeta, load_checkpoint
+from cifar3.inference import (
+    as_model_input,
+    calibrated_probs,
+    dtype_name,
+    inference_dtype,
+    native_bfloat16,
+    prepare_for_inference,
+)
+from cifar3.preprocessing import normalize
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("auto", "torch", "onnxruntime")
+ONNX_INPUT, ONNX_OUTPUT = "images", "logits"  # the exported graph's tensor names (cifar3/export.py)
+ONNX_FILE = "model.onnx"  # the exported graph's name in the .mar (scripts/archive.sh writes it)
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    engine: str  # "torch" or "onnxruntime"
+    dtype: torch.dtype
+
+
+def choose_engine(requested: str, device: torch.device, dtype: str = "auto") -> EngineChoice:
+    """The engine and dtype that ``requested`` means on ``device``; ``dtype`` applies to the torch engine.
+
+    ``auto``: PyTorch on a GPU (bfloat16 where it computes it natively). On a CPU, PyTorch bfloat16 where the
+    CPU computes bfloat16 natively (AVX512-BF16 or AMX): there oneDNN's bfloat16 convolutions out-ran ONNX
+    Runtime float32 at the batch sizes a loaded server runs (docs/performance.md, reports/benchmark.md);
+    everywhere else (AVX2, AVX-512 without BF16) ONNX Runtime float32, which ran batch 1 about 3x and batched
+    inference 1.3-2x faster than PyTorch float32 there. Hardware decides, not what is installed: where the
+    chosen engine cannot run, ``load_engine`` says so and falls back.
+    """
+    if requested not in ENGINES:
+        raise ValueError(f"unknown engine {requested!r}; choose one of {', '.join(ENGINES)}")
+    if requested == "auto":
+        requested = "torch" if device.type == "cuda" or native_bfloat16(device) else "onnxruntime"
+    if requested == "onnxruntime":
+        if dtype not in ("auto", "float32"):
+            raise ValueError(f"the onnxruntime engine runs float32, not {dtype}; use engine torch for {dtype}")
+        return EngineChoice("onnxruntime", torch.float32)
+    return EngineChoice("torch", inference_dtype(dtype, device))
+
+
+class Engine:
+    """Normalized float32 N x 3 x H x W batch -> float32 N x C logits on CPU."""
+
+    name: str
+    dtype: torch.dtype
+    device: torch.device
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def threads(self) -> int:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"engine": self.name, "dtype": dtype_name(self.dtype), "threads": self.threads,
+                "device": str(self.device)}  # fmt: skip
+
+
+class TorchEngine(Engine):
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        self.model = prepare_for_inference(model, dtype)
+        self.dtype = dtype
+        self.device = next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(as_model_input(batch, self.model)).float().cpu()
+
+    @property
+    def threads(self) -> int:
+        return torch.get_num_threads()
+
+
+class OnnxRuntimeEngine(Engine):
+    name = "onnxruntime"
+    dtype = torch.float32
+    device = torch.device("cpu")
+
+    def __init__(self, onnx_path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        if not Path(onnx_path).is_file():
+            raise FileNotFoundError(f"no exported model at {onnx_path}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # One process per core is how the server scales; a session's intra-op pool stays within its share.
+        self._threads = int(threads or torch.get_num_threads())
+        options.intra_op_num_threads = self._threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        inputs = {ONNX_INPUT: batch.detach().to("cpu", torch.float32).contiguous().numpy()}
+        return torch.from_numpy(self.session.run([ONNX_OUTPUT], inputs)[0])
+
+    @property
+    def threads(self) -> int:
+        return self._threads
+
+
+def load_engine(
+    checkpoint: str | Path,
+    engine: str = "auto",
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str = "auto",
+    threads: int | None = None,
+    onnx_path: str | Path | None = None,
+) -> tuple[Engine, ModelMeta]:
+    """(engine, meta) for a checkpoint: ``choose_engine`` decides, then the engine is built.
+
+    ``threads`` sets torch's intra-op threads (preprocessing runs in torch whatever the engine) and ONNX
+    Runtime's. The onnxruntime engine runs ``onnx_path`` (the archive's exported model); with None it
+    exports the checkpoint now, exactly as scripts/archive.sh does. Where ONNX Runtime cannot run (not
+    installed, the exported model missing, or no exporter) the torch engine runs instead, with one log line.
+    """
+    device = torch.device(device)
+    if threads:
+        torch.set_num_threads(int(threads))
+    model, meta = load_checkpoint(checkpoint, device)
+    choice = choose_engine(engine, device, dtype)
+    if choice.engine == "onnxruntime":
+        try:
+            if onnx_path is not None:
+                return OnnxRuntimeEngine(onnx_path, threads), meta
+            with tempfile.TemporaryDirectory(prefix="cifar3-onnx-") as folder:
+                from cifar3.export import export_checkpoint  # needs onnx + onnxscript (the train extra)
+
+                exported = export_checkpoint(checkpoint, Path(folder) / "cifar3.onnx")
+                return OnnxRuntimeEngine(exported, threads), meta  # the session holds the graph in memory
+        except (ImportError, FileNotFoundError) as exc:
+            choice = choose_engine("torch", device, dtype)
+            logger.warning("engine %s: onnxruntime cannot run here (%s); running torch %s instead",
+                           engine, exc, dtype_name(choice.dtype))  # fmt: skip
+    return TorchEngine(model, choice.dtype), meta
+
+
+def predict_probs(engine: Engine, meta: ModelMeta, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """uint8 N x 3 x H x W images -> calibrated float32 N x C probabilities, ``batch_size`` at a time."""
+    outputs = [
+        engine(normalize(images[start : start + batch_size], meta.mean, meta.std))
+        for start in range(0, len(images), batch_size)
+    ]
+    logits = torch.cat(outputs) if outputs else torch.empty(0, len(meta.classes))
+    return calibrated_probs(logits, meta.temperature)

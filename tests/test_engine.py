@@ -1,0 +1,186 @@
+"""The inference engine switch (cifar3/engine.py), the ONNX export and its verification (cifar3/export.py),
+and parity of every engine between a real TorchServe and ``training.evaluate --engine``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import zipfile
+
+import pytest
+import requests
+import torch
+import yaml
+from conftest import MODEL_CONFIG, PYTHON, ROOT, run_cli, start_server
+from synthetic import sample_image
+
+from cifar3 import engine as engine_module
+from cifar3 import export
+from cifar3.checkpoint import load_checkpoint
+from cifar3.engine import ONNX_FILE, OnnxRuntimeEngine, TorchEngine, choose_engine, load_engine, predict_probs
+from cifar3.inference import calibrated_probs, native_bfloat16, predict_logits
+from cifar3.preprocessing import pil_to_uint8
+
+CLASSES = ["airplane", "automobile", "ship"]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.stack([pil_to_uint8(sample_image(name, seed=seed)) for seed in range(4) for name in CLASSES])
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    done = run_cli(PYTHON, "-m", "cifar3.export", str(tiny_checkpoint), str(out))
+    assert done.returncode == 0, done.stderr
+    assert "verified on" in done.stdout and out.is_file()
+    return out
+
+
+# -- choosing ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_auto_picks_torch_bfloat16_where_the_cpu_has_it_else_onnxruntime(monkeypatch, bf16):
+    monkeypatch.setattr(engine_module, "native_bfloat16", lambda device: bf16)
+    monkeypatch.setattr("cifar3.inference.native_bfloat16", lambda device: bf16)
+    expected = ("torch", torch.bfloat16) if bf16 else ("onnxruntime", torch.float32)
+    choice = choose_engine("auto", CPU)
+    assert (choice.engine, choice.dtype) == expected
+
+
+def test_auto_on_this_machine_is_what_the_hardware_rule_says():
+    choice = choose_engine("auto", CPU)
+    assert choice.engine == ("torch" if native_bfloat16(CPU) else "onnxruntime")
+
+
+def test_explicit_engines_and_bad_names():
+    assert choose_engine("onnxruntime", CPU).dtype == torch.float32
+    assert choose_engine("torch", CPU, "float32") == engine_module.EngineChoice("torch", torch.float32)
+    with pytest.raises(ValueError, match="unknown engine 'tensorrt'"):
+        choose_engine("tensorrt", CPU)
+    with pytest.raises(ValueError, match="runs float32"):
+        choose_engine("onnxruntime", CPU, "bfloat16")
+
+
+# -- running ----------------------------------------------------------------------------------------
+
+
+def test_onnxruntime_equals_pytorch_float32_at_any_batch_size(tiny_checkpoint, onnx_model, images):
+    model, meta = load_checkpoint(tiny_checkpoint)
+    expected = calibrated_probs(predict_logits(model, images, meta.mean, meta.std), meta.temperature)
+    engine, _ = load_engine(tiny_checkpoint, "onnxruntime", onnx_path=onnx_model, threads=1)
+    assert isinstance(engine, OnnxRuntimeEngine)
+    assert engine.describe() == {"engine": "onnxruntime", "dtype": "float32", "threads": 1, "device": "cpu"}
+    for batch_size in (1, 5, 12):  # the batch axis is dynamic
+        assert torch.allclose(predict_probs(engine, meta, images, batch_size), expected, atol=1e-4)
+
+
+def test_onnxruntime_without_an_exported_file_exports_the_checkpoint(tiny_checkpoint, onnx_model, images):
+    exported_now, meta = load_engine(tiny_checkpoint, "onnxruntime", threads=1)
+    archived, _ = load_engine(tiny_checkpoint, "onnxruntime", onnx_path=onnx_model, threads=1)
+    assert isinstance(exported_now, OnnxRuntimeEngine)
+    assert torch.equal(predict_probs(exported_now, meta, images), predict_probs(archived, meta, images))
+
+
+def test_without_onnxruntime_the_torch_engine_runs_with_one_log_line(tiny_checkpoint, onnx_model, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    with caplog.at_level(logging.INFO, logger="cifar3.engine"):
+        engine, _ = load_engine(tiny_checkpoint, "onnxruntime", onnx_path=onnx_model, dtype="float32")
+    assert isinstance(engine, TorchEngine) and engine.describe()["engine"] == "torch"
+    assert len(caplog.records) == 1 and "onnxruntime cannot run here" in caplog.records[0].getMessage()
+
+
+def test_a_missing_exported_model_falls_back_to_torch(tiny_checkpoint, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="cifar3.engine"):
+        engine, _ = load_engine(tiny_checkpoint, "onnxruntime", onnx_path=tmp_path / "none.onnx")
+    assert isinstance(engine, TorchEngine)
+    assert len(caplog.records) == 1 and "none.onnx" in caplog.records[0].getMessage()
+
+
+# -- export and its verification --------------------------------------------------------------------
+
+
+def test_export_refuses_when_the_export_differs(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(export, "TOLERANCE", 0.0)  # any difference at all now counts as a wrong export
+    out = tmp_path / "model.onnx"
+    assert export.main([str(tiny_checkpoint), str(out)]) == 2
+    assert "differs from PyTorch float32" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.iterdir())  # nothing written, no temp file left
+
+
+def test_archive_refuses_without_images_to_verify_on(tiny_checkpoint, tmp_path):
+    (tmp_path / "empty").mkdir()
+    done = run_cli("bash", str(ROOT / "scripts" / "archive.sh"), str(tiny_checkpoint),
+                   env={"MODEL_STORE": str(tmp_path / "store"), "VERIFY_IMAGES": str(tmp_path / "empty")})  # fmt: skip
+    assert done.returncode != 0
+    assert "no images to verify the export on" in done.stderr and "--images" in done.stderr
+    assert not (tmp_path / "store" / "cifar3.mar").exists()
+
+
+def test_the_archive_carries_the_exported_model(model_store):
+    assert ONNX_FILE in zipfile.ZipFile(model_store / "cifar3.mar").namelist()
+
+
+# -- parity: a real TorchServe per engine against training.evaluate --engine -----------------------
+
+
+def evaluate_predictions(checkpoint, folder, report, engine: str) -> dict[str, list[float]]:
+    done = run_cli(PYTHON, "-m", "training.evaluate", "--checkpoint", str(checkpoint), "--data", str(folder),
+                   "--report-dir", str(report), "--predictions", "--engine", engine, "--threads", "1")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    with open(report / "predictions.csv") as f:
+        return {row["path"]: [float(row[c]) for c in CLASSES] for row in csv.DictReader(f)}
+
+
+def described(server) -> dict:
+    response = requests.get(f"{server.management_url}/models/cifar3", params={"customized": "true"},
+                            headers=server.headers("management"), timeout=30)  # fmt: skip
+    custom = response.json()[0]["customizedMetadata"]
+    return json.loads(custom) if isinstance(custom, str) else custom
+
+
+@pytest.fixture(scope="module")
+def onnxruntime_server(tmp_path_factory, tiny_checkpoint):
+    """A second real TorchServe whose model-config asks for the onnxruntime engine (the session's asks auto)."""
+    folder = tmp_path_factory.mktemp("ort-server")
+    config = {**MODEL_CONFIG, "minWorkers": 1, "maxWorkers": 1,
+              "handler": {**MODEL_CONFIG["handler"], "engine": "onnxruntime"}}  # fmt: skip
+    (folder / "model-config.yaml").write_text(yaml.safe_dump(config))
+    env = {"MODEL_STORE": str(folder / "store"), "MODEL_CONFIG": str(folder / "model-config.yaml")}
+    done = run_cli("bash", str(ROOT / "scripts" / "archive.sh"), str(tiny_checkpoint), env=env)
+    assert done.returncode == 0, done.stderr
+    server = start_server(folder / "ts", folder / "store")
+    yield server
+    server.stop()
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("which", ["auto", "onnxruntime"])
+def test_served_probabilities_equal_evaluate_with_the_same_engine(which, request, tiny_checkpoint, tmp_path):
+    server = request.getfixturevalue("server" if which == "auto" else "onnxruntime_server")
+    folder = tmp_path / "images"
+    files = []
+    for i, name in enumerate(CLASSES * 2):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        files.append(folder / name / f"{i}.png")
+        sample_image(name, seed=200 + i).save(files[-1])
+    expected = evaluate_predictions(tiny_checkpoint, folder, tmp_path / "report", which)
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    info = described(server)
+    # the describe API says what ran; evaluate ran the very same engine, dtype and threads
+    assert {k: info[k] for k in ("engine", "dtype", "threads")} == {
+        k: metrics[k] for k in ("engine", "dtype", "threads")
+    }
+    assert info["engine_requested"] == which and info["threads"] == MODEL_CONFIG["handler"]["threads"]
+    if which == "onnxruntime":
+        assert info["engine"] == "onnxruntime" and info["dtype"] == "float32"
+    for path in files:
+        answer = requests.post(f"{server.inference_url}/predictions/cifar3", data=path.read_bytes(),
+                               headers=server.headers(), timeout=60)  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        assert [answer.json()["probs"][c] for c in CLASSES] == pytest.approx(expected[str(path)], abs=1e-4)
