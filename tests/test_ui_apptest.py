@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import threading
@@ -237,3 +238,53 @@ def test_a_bad_setting_is_a_clear_message(server, point_at, monkeypatch):
     assert [e.value for e in at.error] == [
         "Configuration error: CIFAR3_TIMEOUT='soon' is not a number of seconds: set it to e.g. 30"
     ]
+
+
+def server_explanation(server, data: bytes, target: str | None = None) -> dict:
+    """What the explanations API itself answers for these bytes."""
+    body = {"data": base64.b64encode(data).decode()} | ({"target": target} if target else {})
+    response = requests.post(
+        f"{server.inference_url}/explanations/cifar3", json=body, timeout=60, headers=server.headers()
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def image_captions(at: AppTest) -> list[str]:
+    return [img.caption for element in at.main.get("image") for img in element.proto.imgs]
+
+
+def test_show_what_the_model_looked_at_overlays_each_image(app, server):
+    data = encode(sample_image("ship"), "PNG")
+    expected = server_explanation(server, data)
+    assert not app.get("selectbox")  # the class selector appears with the toggle
+    app.toggle(key="explain").set_value(True).run()
+    assert list(app.selectbox(key="explain_target").options) == [
+        "the predicted class",
+        "airplane",
+        "automobile",
+        "ship",
+    ]
+    upload(app, ("ship.png", data))
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert f"#### ship.png: **{expected['pred_class']}**" in [m.value for m in app.main.markdown]
+    assert image_captions(app) == ["ship.png", f"grad-cam for {expected['explanation']['target']}"]
+    assert len(charts(app)) == 1
+
+    app.selectbox(key="explain_target").set_value("airplane").run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert image_captions(app) == ["ship.png", "grad-cam for airplane"]
+    assert server_explanation(server, data, "airplane")["explanation"]["target"] == "airplane"
+
+    app.toggle(key="explain").set_value(False).run()
+    assert image_captions(app) == ["ship.png"] and not app.get("selectbox")
+
+
+def test_explaining_a_bad_image_shows_the_servers_message(app, server):
+    good = encode(sample_image("airplane"), "JPEG")
+    expected = server_answer(server, b"not an image")["error"]
+    app.toggle(key="explain").set_value(True).run()
+    upload(app, ("x.png", b"not an image"), ("plane.jpg", good))
+    assert not app.exception
+    assert [e.value for e in app.error] == [f"the server rejected x.png: {expected}"]
+    assert len(image_captions(app)) == 2 and "1 of 2 image(s) classified" in " ".join(c.value for c in app.main.caption)

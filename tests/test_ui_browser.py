@@ -1,7 +1,8 @@
 """The real page in headless Chromium: `streamlit run ui/app.py` against the session's TorchServe.
 
 Needs Debian's chromium and chromium-driver (scripts/setup.sh --browser installs them). The screenshot
-of the answered upload is saved to test-artifacts/ui_prediction.png.
+of the answered upload, with "Show what the model looked at" on (the Grad-CAM overlay beside the image),
+is saved to test-artifacts/ui_prediction.png.
 """
 
 from __future__ import annotations
@@ -145,6 +146,11 @@ def test_upload_in_a_browser_shows_the_prediction(server, page_url, browser, tmp
 
     browser.get(page_url)
     wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "[data-testid=stSidebar]"), "READY"))
+    toggle = wait.until(
+        ec.element_to_be_clickable((By.XPATH, "//label[.//*[contains(text(), 'Show what the model looked at')]]"))
+    )
+    toggle.click()
+    wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "[data-testid=stMain]"), "Class to explain"))
     uploader = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]")))
     uploader.send_keys(str(image))
 
@@ -156,6 +162,11 @@ def test_upload_in_a_browser_shows_the_prediction(server, page_url, browser, tmp
         )
     )
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "[data-testid=stImage] img")))
+    overlay_caption = f"grad-cam for {expected['pred_class']}"
+    wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "[data-testid=stMain]"), overlay_caption))
+    wait.until(lambda driver: len(driver.find_elements(By.CSS_SELECTOR, "[data-testid=stImage] img")) == 2)
+    overlay = browser.find_elements(By.CSS_SELECTOR, "[data-testid=stImage] img")[1]
+    wait.until(lambda _: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay))
     main = browser.find_element(By.CSS_SELECTOR, "[data-testid=stMain]").text
     assert "1 of 1 image(s) classified" in main and "round trip" in main
     assert f"{expected['probs'][expected['pred_class']]:.1%} confident" in main

@@ -6,7 +6,9 @@ Start TorchServe first (``.venv/bin/python scripts/serve.py start``), then, from
 
 and open http://127.0.0.1:8501. Upload one or several images (jpg, jpeg, png, webp, bmp, gif): each is
 sent to the server as raw bytes, all of them concurrently, and shown with its predicted class, the
-probability of every class and the round-trip latency. The sidebar shows the server's state.
+probability of every class and the round-trip latency. The sidebar shows the server's state. The toggle
+"Show what the model looked at" asks the explanations API instead and lays each image's Grad-CAM heat map
+over it (red: strongest evidence for the class; the class to explain is selectable).
 
 The page only speaks HTTP to TorchServe (see ui/client.py; no torch here). Configuration comes
 from CIFAR3_INFERENCE_URL, CIFAR3_MANAGEMENT_URL, CIFAR3_TOKEN_FILE, CIFAR3_TOKEN and
@@ -26,9 +28,19 @@ import pandas as pd
 import streamlit as st
 from PIL import Image, UnidentifiedImageError
 
-from ui.client import IMAGE_TYPES, Cifar3Client, ClientError, Config, Outcome, Prediction, ServerState
+from ui.client import (
+    IMAGE_TYPES,
+    Cifar3Client,
+    ClientError,
+    Config,
+    Outcome,
+    Prediction,
+    ServerState,
+    overlay_heatmap,
+)
 
 PREVIEW_WIDTH = 160
+PREDICTED = "the predicted class"  # the explain selector's default: each image's own prediction
 OK, BAD = ":green[:material/check_circle:]", ":red[:material/cancel:]"  # icons bundled with Streamlit
 
 
@@ -155,13 +167,21 @@ def probability_chart(prediction: Prediction) -> alt.LayerChart:
     return (bars + labels).properties(height=alt.Step(30))
 
 
-def show_outcome(outcome: Outcome, data: bytes) -> None:
-    """One image's card: the image, then its predicted class, latency and probability chart, or the error."""
+def show_outcome(outcome: Outcome, data: bytes, alpha: float = 0.5) -> None:
+    """One image's card: the image (with its heat map when explained), then its predicted class, latency and
+    probability chart, or the error."""
+    explanation = outcome.explanation
     with st.container(border=True):
-        left, right = st.columns([1, 3])
-        with left:
+        columns = st.columns([1, 1, 3] if explanation else [1, 3])
+        with columns[0]:
             preview(data, outcome.name)
-        with right:
+        if explanation:
+            columns[1].image(
+                overlay_heatmap(data, explanation.heatmap, alpha=alpha, size=PREVIEW_WIDTH),
+                caption=f"{explanation.method} for {explanation.target}",
+                width=PREVIEW_WIDTH,
+            )
+        with columns[-1]:
             if outcome.prediction is None:
                 st.error(outcome.error)
                 st.caption(f"{outcome.name} · round trip {outcome.latency_ms:.0f} ms")
@@ -173,18 +193,35 @@ def show_outcome(outcome: Outcome, data: bytes) -> None:
             st.altair_chart(probability_chart(prediction), width="stretch")
 
 
-def show_results(client: Cifar3Client, files: Sequence) -> None:
+def explain_options(classes: Sequence[str]) -> tuple[bool, str | None, float]:
+    """The "Show what the model looked at" toggle and, when on, the class to explain and the overlay's opacity."""
+    explain = st.toggle(
+        "Show what the model looked at",
+        key="explain",
+        help="Grad-CAM through TorchServe's explanations API: red marks where the evidence for the class lies.",
+    )
+    if not explain:
+        return False, None, 0.5
+    left, right = st.columns(2)
+    target = left.selectbox("Class to explain", [PREDICTED, *classes], key="explain_target")
+    alpha = right.slider("Heat map opacity", 0.1, 0.9, 0.5, 0.1, key="explain_alpha")
+    return True, None if target == PREDICTED else target, alpha
+
+
+def show_results(
+    client: Cifar3Client, files: Sequence, explain: bool = False, target: str | None = None, alpha: float = 0.5
+) -> None:
     """Send every upload at once and show the answers in upload order."""
     uploads = [(f.name, f.getvalue()) for f in files]
-    with st.spinner(f"Classifying {len(uploads)} image(s)…"):
-        outcomes = client.predict_many(uploads)
+    with st.spinner(f"{'Explaining' if explain else 'Classifying'} {len(uploads)} image(s)…"):
+        outcomes = client.predict_many(uploads, explain=explain, target=target)
     ok = sum(o.prediction is not None for o in outcomes)
     st.caption(
         f"{ok} of {len(outcomes)} image(s) classified · slowest round trip "
         f"{max(o.latency_ms for o in outcomes):.0f} ms (sent concurrently)"
     )
     for outcome, (_, data) in zip(outcomes, uploads, strict=True):
-        show_outcome(outcome, data)
+        show_outcome(outcome, data, alpha)
 
 
 def main() -> None:
@@ -208,6 +245,7 @@ def main() -> None:
         st.error(f"The server cannot classify images right now: {state.blocking}")
     elif state.problems:
         st.warning(f"Images can be sent, but the server's state is incomplete: {state.problems[0]}")
+    explain, target, alpha = explain_options([str(c) for c in classes] if isinstance(classes, list) else [])
     files = st.file_uploader(
         "Images",
         type=list(IMAGE_TYPES),
@@ -218,7 +256,7 @@ def main() -> None:
     if not files:
         st.info(f"Upload one or several images ({', '.join(IMAGE_TYPES)}) to classify them.")
         return
-    show_results(client, files)
+    show_results(client, files, explain, target, alpha)
 
 
 main()

@@ -276,8 +276,9 @@ def parse_explanation(payload: Any) -> tuple[Prediction, Explanation]:
 
 def overlay_heatmap(image, heatmap: Sequence[Sequence[float]], alpha: float = 0.5, size: int | None = None):
     """A PIL image: ``image`` (PIL image or encoded bytes) with ``heatmap`` laid over it in a blue (0) -
-    yellow - red (1) colour ramp at opacity ``alpha``; ``size`` pixels per side (default: the image's own).
-    Pillow is imported here so that the client itself needs requests only."""
+    yellow - red (1) colour ramp at opacity ``alpha``. With ``size``: the image as the model saw it (resized to
+    the heat map's grid, aspect ratio not kept, as the server does) shown ``size`` pixels per side; without:
+    the image at its own size. Pillow is imported here so that the client itself needs requests only."""
     import io
 
     from PIL import Image, ImageOps
@@ -285,9 +286,9 @@ def overlay_heatmap(image, heatmap: Sequence[Sequence[float]], alpha: float = 0.
     if isinstance(image, (bytes, bytearray)):
         image = Image.open(io.BytesIO(image))
     image = ImageOps.exif_transpose(image).convert("RGB")
-    if size:
-        image = image.resize((size, size), Image.Resampling.NEAREST)  # the pixels the model saw, not smoothed
     rows, cols = len(heatmap), len(heatmap[0])
+    if size:  # the model's pixels, enlarged without smoothing
+        image = image.resize((cols, rows), Image.Resampling.BICUBIC).resize((size, size), Image.Resampling.NEAREST)
     levels = bytes(round(min(max(float(v), 0.0), 1.0) * 255) for row in heatmap for v in row)
     heat = Image.frombytes("L", (cols, rows), levels).resize(image.size, Image.Resampling.BILINEAR)
     colours = ImageOps.colorize(heat, black="#2c3ec8", mid="#ffe34d", white="#e3171b")
