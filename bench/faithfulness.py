@@ -129,6 +129,7 @@ def latency(checkpoint: Path, images: list[bytes], requests_each: int) -> dict:
         server = start_server(Path(tmp) / "server", store)
         try:
             client = server.client()
+            load_average = round(os.getloadavg()[0], 1)
             timings: dict[str, list[float]] = {"explain": [], "predict": []}
             first = []
             for i in range(requests_each + 4):  # the first explanation of each worker loads its explainer
@@ -151,6 +152,7 @@ def latency(checkpoint: Path, images: list[bytes], requests_each: int) -> dict:
         for kind, values in timings.items()
     }
     summary["explain"]["first_requests_ms"] = [round(v) for v in first]
+    summary["load_average"] = load_average
     return summary
 
 
@@ -179,9 +181,11 @@ def figures(model, meta, images, labels, predicted, probs, folder: Path) -> dict
     cam = GradCam(model, meta.image_size)
     written = {}
     for name, pick in (("correct", predicted == labels), ("wrong", predicted != labels)):
-        idx = pick.nonzero()[:, 0][:EXAMPLES]
-        if len(idx) == 0:
+        per_class = [(pick & (labels == c)).nonzero()[:, 0] for c in range(len(meta.classes))]
+        chosen = [c[i] for i in range(EXAMPLES) for c in per_class if i < len(c)][:EXAMPLES]  # classes alike
+        if not chosen:
             continue
+        idx = torch.stack(chosen)
         batch = normalize(images[idx], meta.mean, meta.std)
         maps = cam.heatmaps(batch, predicted[idx].tolist())
         captions = [
@@ -199,8 +203,8 @@ def markdown(report: dict) -> str:
         f"# Grad-CAM faithfulness ({report['date']})",
         "",
         f"Machine: {report['machine']}; torch {report['torch']}, captum {report['captum']}.",
-        f"Checkpoint: `{report['checkpoint']}` ({report['variant']}, validation accuracy "
-        f"{report['val_accuracy']:.2%}); {report['images']} validation images ({report['data']}).",
+        f"Checkpoint: `{report['checkpoint']}` ({report['variant']}, epoch {report['epoch']}, "
+        f"{report['val_accuracy']:.2%} right); {report['images']} validation images ({report['data']}).",
         f"Command: `{report['command']}`",
         "",
         f"Deletion test: the {FRACTION:.0%} of pixels the heat map for the predicted class ranks highest, or a random "
@@ -222,7 +226,8 @@ def markdown(report: dict) -> str:
         lines += [
             "",
             f"Latency through TorchServe (handler/model-config.yaml, c=1, {lat['explain']['requests']} sequential "
-            "requests of each kind, 32x32 validation PNGs, the project's client):",
+            "requests of each kind, 32x32 validation PNGs, the project's client; 1-minute load average "
+            f"{lat['load_average']} when the requests began, from other processes on the machine):",
             "",
             "| request | p50 | p90 |",
             "|---|---|---|",
@@ -262,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint.relative_to(ROOT) if args.checkpoint.is_relative_to(ROOT) else args.checkpoint
         ),
         "variant": meta.variant,
+        "epoch": meta.epoch,
         "val_accuracy": float((result["predicted"] == labels).float().mean()),
         "images": len(labels),
         "data": val.source,
