@@ -1,28 +1,38 @@
-"""Throughput and latency of cifar3: in-process limit vs. served over HTTP, in one run, one model.
+"""Throughput and latency of cifar3 per inference engine, in-process and served, beside two peer servers.
 
-    .venv/bin/python bench/benchmark.py --checkpoint checkpoints/cifar3.pt
+    .venv/bin/python bench/benchmark.py --checkpoint checkpoints/cifar3.pt            # reports/benchmark.md
+    .venv/bin/python bench/benchmark.py --checkpoint checkpoints/cifar3.pt --avx2     # reports/benchmark-avx2.md
+    .venv/bin/python bench/benchmark.py --checkpoint CKPT --quick --out-dir /tmp/r   # a smoke run in seconds
 
-1. In-process (this process, same torch threads as a worker): forward-only images/s at several
-   batch sizes (the machine's limit for this model) and batch-1 latency, forward-only and with
-   decode + preprocessing (what one request costs the handler).
-   Also the batched rates at the workers' own torch thread count (model-config.yaml).
-2. Served: archives the checkpoint, starts a real TorchServe on free loopback ports with the
-   repository's config.properties and model-config.yaml, and drives it with closed-loop clients at
-   concurrency 1, 4 and 16 (bench/loadgen.py, one thread): images/s, p50/p90/p99 latency, errors,
-   and how many cores the frontend, the workers and the load generator kept busy.
+One run, one machine, one checkpoint; the phases never overlap, so they do not compete for the cores.
 
-Writes reports/benchmark.json and reports/benchmark.md (the README quotes them). The in-process
-and served phases never overlap, so they do not compete for the cores.
+1. In-process: every engine of cifar3/engine.py (torch float32, torch bfloat16, ONNX Runtime float32) at 1
+   and all threads, batch 1 to 64: images/s and batch-1 latency, each in a fresh process. Also the
+   side-by-side layouts (one single-threaded process per core). The fastest of all is the machine's limit.
+2. Served: archives the checkpoint (scripts/archive.sh: export + verification), starts a real TorchServe on
+   free loopback ports with the repository's config.properties and model-config.yaml, and drives it with
+   closed-loop clients (bench/loadgen.py) at concurrency 1, 4, 16, 64: images/s, p50/p90/p99, errors, cores.
+3. Peers, same checkpoint, same load generator: LitServe with dynamic batching and the engine our handler
+   runs (bench/peers/litserve_server.py), and the prototype's design, FastAPI + uvicorn with eager
+   float32 torch and one image per request (bench/peers/prototype_fastapi.py), on free loopback ports,
+   stopped afterwards.
+
+``--avx2`` emulates an ordinary AVX2 CPU for PyTorch (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 in
+every process the run starts: the in-process children, TorchServe's workers, the peers); ONNX Runtime picks
+its kernels from the CPU itself and has no such switch. The report records which capability torch ran.
+Writes ``OUT/<name>.json`` and ``OUT/<name>.md`` (name: benchmark, or benchmark-avx2).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import multiprocessing
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -33,19 +43,29 @@ from pathlib import Path
 
 import psutil
 import requests
-import torch
 import yaml
 
 from bench.loadgen import run_load
-from cifar3.checkpoint import load_checkpoint
-from cifar3.inference import as_model_input, dtype_name, inference_dtype, prepare_for_inference
-from cifar3.preprocessing import decode_image, eval_transform
-from scripts.serve import Server, start_server
+from scripts.serve import Server, free_ports, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
-
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "cifar3" / "train"
-TARGETS = {"served_vs_inprocess_c16": 0.85, "p99_c16_ms": 250.0, "p50_c1_vs_batch1": 1.3}
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# (engine, dtype) pairs measured in-process: what cifar3/engine.py can run on a CPU.
+ENGINE_VARIANTS = (("torch", "float32"), ("torch", "bfloat16"), ("onnxruntime", "float32"))
+BATCHES = (1, 8, 16, 32, 64)
+# The issue's targets, each a ratio of two figures from the same run.
+TARGETS = {
+    "p50_c1_vs_batch1": 2.0,
+    "c16_vs_inprocess16": 0.8,
+    "p99_c16_ms": 150.0,
+    "vs_litserve": 1.5,
+    "vs_prototype": 4.0,
+}
+MACHINE_NOTE = "2-core AMD EPYC VM with AVX-512 incl. AVX512-BF16, no AMX, no GPU"
+
+
+# -- requests ---------------------------------------------------------------------------------------
 
 
 def load_image_bytes(folder: Path, count: int) -> list[bytes]:
@@ -65,19 +85,10 @@ def load_image_bytes(folder: Path, count: int) -> list[bytes]:
     return images
 
 
-def untrained_checkpoint(variant: str, folder: Path) -> Path:
-    from cifar3.checkpoint import ModelMeta, save_checkpoint
-    from cifar3.classes import DEFAULT_CLASSES
-    from cifar3.model import build_model
-    from cifar3.preprocessing import CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE
-
-    path = folder / f"untrained-{variant}.pt"
-    meta = ModelMeta(variant, list(DEFAULT_CLASSES), IMAGE_SIZE, list(CIFAR10_MEAN), list(CIFAR10_STD))
-    save_checkpoint(path, build_model(variant, len(DEFAULT_CLASSES)).eval(), meta)
-    return path
+# -- in-process (each measurement in a fresh spawned process, so env and thread settings are its own) ----
 
 
-def time_it(fn, repeats: int) -> list[float]:
+def _time(fn, repeats: int) -> list[float]:
     fn()  # warm-up
     samples = []
     for _ in range(repeats):
@@ -87,93 +98,216 @@ def time_it(fn, repeats: int) -> list[float]:
     return samples
 
 
-def served_model(checkpoint: Path, dtype: str):
-    """(model, meta) prepared exactly as the handler prepares it with model-config's ``dtype``."""
-    model, meta = load_checkpoint(checkpoint)
-    return prepare_for_inference(model, inference_dtype(dtype, torch.device("cpu"))), meta
+def _measure_engine(spec: dict) -> dict:
+    """Runs in a child: one engine at one thread count, every batch size."""
+    import torch
 
+    from cifar3.engine import load_engine
+    from cifar3.preprocessing import decode_image, eval_transform
 
-@torch.inference_mode()
-def in_process(
-    checkpoint: Path, dtype: str, images: list[bytes], threads: int, worker_threads: int, seconds: float
-) -> dict:
-    model, meta = served_model(checkpoint, dtype)
+    engine, meta = load_engine(
+        spec["checkpoint"], spec["engine"], dtype=spec["dtype"], threads=spec["threads"], onnx_path=spec["onnx"]
+    )
+    images = spec["images"]
 
     def batch_of(n: int) -> torch.Tensor:
-        pil = [decode_image(images[i % len(images)]) for i in range(n)]
-        return as_model_input(eval_transform(pil, meta.image_size, meta.mean, meta.std), model)
+        return eval_transform(
+            [decode_image(images[i % len(images)]) for i in range(n)], meta.image_size, meta.mean, meta.std
+        )
 
-    def rates_by_batch(batch_sizes: tuple[int, ...]) -> dict[int, float]:
-        rates = {}
-        for batch_size in batch_sizes:
-            batch = batch_of(batch_size)
-            repeats = max(5, int(seconds / max(1e-3, statistics.median(time_it(lambda b=batch: model(b), 3)))))
-            samples = time_it(lambda b=batch: model(b), min(repeats, 400))
-            rates[batch_size] = batch_size / statistics.median(samples)
-        return rates
-
+    rates = {}
+    for size in spec["batches"]:
+        batch = batch_of(size)
+        once = min(_time(lambda b=batch: engine(b), 2))
+        samples = _time(lambda b=batch: engine(b), max(3, min(300, int(spec["seconds"] / max(once, 1e-4)))))
+        rates[str(size)] = round(size / statistics.median(samples), 1)
     one = batch_of(1)
-    torch.set_num_threads(worker_threads)
-    per_worker = rates_by_batch((1, 8))
-    forward_ms = {worker_threads: statistics.median(time_it(lambda: model(one), 200)) * 1000}
-    torch.set_num_threads(threads)
-    rates = rates_by_batch((1, 8, 16, 32, 64))
-    forward_ms[threads] = statistics.median(time_it(lambda: model(one), 200)) * 1000
-    fastest = min(forward_ms, key=forward_ms.get)  # bfloat16 on AMX: one thread can beat two
-    torch.set_num_threads(fastest)
-    full_ms = statistics.median(time_it(lambda: model(batch_of(1)), 200)) * 1000
-    torch.set_num_threads(threads)
-    best = max(rates, key=rates.get)
+    repeats = max(5, min(300, int(spec["seconds"] / max(min(_time(lambda: engine(one), 2)), 1e-4))))
+    forward = statistics.median(_time(lambda: engine(one), repeats)) * 1000
+    with_pre = statistics.median(_time(lambda: engine(batch_of(1)), repeats)) * 1000
     return {
-        "threads": threads,
-        "dtype": dtype_name(next(model.parameters()).dtype),  # what "auto" resolved to here
-        "variant": meta.variant,
-        "images_per_s_by_batch": {str(k): round(v, 1) for k, v in rates.items()},
-        "best_batch": best,
-        "batched_images_per_s": round(rates[best], 1),
-        "batch1_forward_p50_ms": round(forward_ms[fastest], 2),  # the faster thread count's
-        "batch1_threads": fastest,
-        "batch1_with_preprocessing_p50_ms": round(full_ms, 2),
-        "worker_threads": worker_threads,
-        "images_per_s_by_batch_worker_threads": {str(k): round(v, 1) for k, v in per_worker.items()},
+        **engine.describe(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "images_per_s_by_batch": rates,
+        "batch1_forward_p50_ms": round(forward, 2),
+        "batch1_with_preprocessing_p50_ms": round(with_pre, 2),
     }
 
 
-def _forward_loop(checkpoint: Path, dtype: str, threads: int, batch_size: int, seconds: float, barrier, results):
-    """One process: forward passes at ``batch_size`` for ``seconds`` once every process is ready."""
-    torch.set_num_threads(threads)
-    model, meta = served_model(checkpoint, dtype)
-    batch = as_model_input(torch.randn(batch_size, 3, meta.image_size, meta.image_size), model)
-    with torch.inference_mode():
-        for _ in range(3):
-            model(batch)
-        barrier.wait()
-        started, images = time.perf_counter(), 0
-        while time.perf_counter() - started < seconds:
-            model(batch)
-            images += batch_size
-    results.put(images / (time.perf_counter() - started))
+def _forward_loop(spec: dict, barrier, results) -> None:
+    """Runs in a child: forward passes at one batch size for ``seconds`` once every sibling is ready."""
+    import torch
+
+    from cifar3.engine import load_engine
+
+    engine, meta = load_engine(
+        spec["checkpoint"], spec["engine"], dtype=spec["dtype"], threads=1, onnx_path=spec["onnx"]
+    )
+    batch = torch.randn(spec["batch"], 3, meta.image_size, meta.image_size)
+    for _ in range(3):
+        engine(batch)
+    barrier.wait()
+    started, done = time.perf_counter(), 0
+    while time.perf_counter() - started < spec["seconds"]:
+        engine(batch)
+        done += spec["batch"]
+    results.put(done / (time.perf_counter() - started))
 
 
-def side_by_side(checkpoint: Path, dtype: str, processes: int, threads: int, batch_size: int, seconds: float) -> dict:
-    """The served layout's compute-only rate: ``processes`` forward loops at once, no server.
+def _measure_engines(specs: list[dict]) -> list[dict]:
+    """Runs in one child (the run's environment, e.g. --avx2, set before torch is imported there)."""
+    runs = []
+    for spec in specs:
+        runs.append(_measure_engine(spec))
+        print(json.dumps(runs[-1]), flush=True)
+    return runs
 
-    About what the workers could do if the frontend, the IPC and preprocessing cost nothing and every
-    batch were full: how much of the in-process limit this worker layout can reach at best."""
+
+def side_by_side(spec: dict, processes: int, batch: int) -> float:
+    """images/s of ``processes`` single-threaded processes at ``batch`` each, all at once, no server."""
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(processes), context.Queue()
-    args = (checkpoint, dtype, threads, batch_size, seconds, barrier, results)
-    jobs = [context.Process(target=_forward_loop, args=args) for _ in range(processes)]
+    jobs = [
+        context.Process(target=_forward_loop, args=({**spec, "batch": batch}, barrier, results))
+        for _ in range(processes)
+    ]
     for job in jobs:
         job.start()
-    rates = [results.get(timeout=300) for _ in jobs]
+    rates = [results.get(timeout=600) for _ in jobs]
     for job in jobs:
         job.join()
-    return {"processes": processes, "threads": threads, "batch": batch_size, "images_per_s": round(sum(rates), 1)}
+    return round(sum(rates), 1)
+
+
+def in_process(checkpoint: Path, onnx: Path, images: list[bytes], threads: int, seconds: float, quick: bool) -> dict:
+    cores = os.cpu_count() or 1
+    batches = (1, 8) if quick else BATCHES
+    specs = [
+        {
+            "checkpoint": str(checkpoint),
+            "onnx": str(onnx),
+            "engine": engine,
+            "dtype": dtype,
+            "threads": count,
+            "images": images,
+            "seconds": seconds,
+            "batches": batches,
+        }
+        for engine, dtype in ENGINE_VARIANTS
+        for count in sorted({1, threads})
+    ]
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        runs = pool.apply(_measure_engines, (specs,))
+    if cores > 1 and not quick:  # one single-threaded process per core: the served layout's compute, no server
+        for run in runs:
+            if run["threads"] != 1:
+                continue
+            spec = {
+                "checkpoint": str(checkpoint),
+                "onnx": str(onnx),
+                "engine": run["engine"],
+                "dtype": run["dtype"],
+                "seconds": max(1.0, 2 * seconds),
+            }
+            sides = {str(b): side_by_side(spec, cores, b) for b in sorted({16 // cores, max(batches)})}
+            run["side_by_side"] = {"processes": cores, "images_per_s_by_batch_each": sides}
+            print(json.dumps({"side_by_side": run}), flush=True)
+    return {"runs": runs, "limits": limits(runs, cores)}
+
+
+def limits(runs: list[dict], cores: int) -> dict:
+    """The machine's limit (the best rate of any engine, threads, batch or layout), the best rate with at
+    most 16 images in flight, and the fastest batch-1 forward, each with where it came from."""
+    rates, at_16 = {}, {}
+    for run in runs:
+        label = f"{run['engine']} {run['dtype']}, {run['threads']} thread(s)"
+        for batch, rate in run["images_per_s_by_batch"].items():
+            rates[f"{label}, batch {batch}"] = rate
+            if int(batch) <= 16:
+                at_16[f"{label}, batch {batch}"] = rate
+        for batch, rate in (run.get("side_by_side") or {}).get("images_per_s_by_batch_each", {}).items():
+            key = f"{run['engine']} {run['dtype']}, {cores} processes x 1 thread, batch {batch} each"
+            rates[key] = rate
+            if int(batch) * cores <= 16:
+                at_16[key] = rate
+    fastest = min(runs, key=lambda r: r["batch1_forward_p50_ms"])
+
+    def best(table: dict) -> dict:
+        key = max(table, key=table.get)
+        return {"images_per_s": table[key], "from": key}
+
+    return {
+        "machine": best(rates),
+        "with_16_in_flight": best(at_16),
+        "batch1": {
+            "ms": fastest["batch1_forward_p50_ms"],
+            "from": f"{fastest['engine']} {fastest['dtype']}, {fastest['threads']} thread(s)",
+        },
+    }
+
+
+# -- parity: every engine against PyTorch float32 on the checkpoint's validation split ----------------
+
+
+def parity(checkpoint: Path, threads: int) -> dict:
+    """``training.evaluate --validation --predictions`` per engine (the CLI users run): accuracy, how many
+    predictions agree with PyTorch float32, and the largest probability difference from it."""
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="cifar3-parity-") as tmp:
+        for engine, dtype in ENGINE_VARIANTS:
+            report = Path(tmp) / f"{engine}-{dtype}"
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "training.evaluate",
+                    "--checkpoint",
+                    str(checkpoint),
+                    "--validation",
+                    "--engine",
+                    engine,
+                    "--dtype",
+                    dtype,
+                    "--threads",
+                    str(threads),
+                    "--predictions",
+                    "--report-dir",
+                    str(report),
+                ],
+                check=True,
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+            )
+            rows = (report / "predictions.csv").read_text().splitlines()[1:]
+            metrics = json.loads((report / "metrics.json").read_text())
+            runs[f"{engine} {dtype}"] = {
+                "accuracy": metrics["accuracy"],
+                "n": metrics["n"],
+                "rows": [r.split(",") for r in rows],
+            }
+    reference = runs["torch float32"]["rows"]
+    out = {}
+    for name, run in runs.items():
+        agree = sum(a[2] == b[2] for a, b in zip(run["rows"], reference, strict=True))
+        diff = max(
+            abs(float(x) - float(y))
+            for a, b in zip(run["rows"], reference, strict=True)
+            for x, y in zip(a[3:], b[3:], strict=True)
+        )
+        out[name] = {
+            "accuracy": run["accuracy"],
+            "n": run["n"],
+            "agree_with_float32": agree,
+            "agreement": round(agree / run["n"], 5),
+            "max_probability_difference": float(f"{diff:.2g}"),
+        }
+    return out
+
+
+# -- served -----------------------------------------------------------------------------------------
 
 
 def process_cpu(processes: list[psutil.Process]) -> dict[int, float]:
-    """CPU seconds (user + system) each live process has used so far."""
     used = {}
     for process in processes:
         with contextlib.suppress(psutil.Error):
@@ -182,43 +316,60 @@ def process_cpu(processes: list[psutil.Process]) -> dict[int, float]:
     return used
 
 
-def load(server: Server, images: list[bytes], concurrency: int, seconds: float) -> dict:
-    """Closed loop at ``concurrency`` (bench/loadgen.py), and where the machine's CPU went meanwhile."""
-    url = f"{server.inference_url}/predictions/{server.model}"
-    headers = server.headers() | {"Content-Type": "application/octet-stream"}
-    run_load(url, images, headers, concurrency=concurrency, seconds=2.0)  # warm-up: workers and the JIT
-    frontend = psutil.Process(server.pid())
-    workers = frontend.children(recursive=True)
-    before, client_before = process_cpu([frontend, *workers]), time.process_time()
-    result = run_load(url, images, headers, concurrency=concurrency, seconds=seconds)
-    after, client = process_cpu([frontend, *workers]), time.process_time() - client_before
+def load(url: str, headers: dict, bodies: list[bytes], concurrency: int, seconds: float, pid: int | None) -> dict:
+    """Closed loop at ``concurrency`` (bench/loadgen.py), and how many cores the server and client kept busy."""
+    run_load(url, bodies, headers, concurrency=concurrency, seconds=min(2.0, seconds))  # warm-up
+    server = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)] if pid else []
+    before, client_before = process_cpu(server), time.process_time()
+    result = run_load(url, bodies, headers, concurrency=concurrency, seconds=seconds)
+    after, client = process_cpu(server), time.process_time() - client_before
     summary = result.summary()
-
-    def cores(pids: list[int]) -> float:
-        return round(sum(after[p] - before[p] for p in pids if p in after and p in before) / result.seconds, 2)
-
+    busy = sum(after[p] - before[p] for p in after if p in before)
     return {
         "concurrency": concurrency,
-        "requests": summary["requests"],
-        "errors": summary["errors"],
+        **{k: summary[k] for k in ("requests", "errors", "p50_ms", "p90_ms", "p99_ms")},
         "error_kinds": summary["error_statuses"],
         "images_per_s": summary["rps"],
-        "p50_ms": summary["p50_ms"],
-        "p90_ms": summary["p90_ms"],
-        "p99_ms": summary["p99_ms"],
-        # cores busy on average: the Java frontend, all workers together, this load generator
-        "cpu_cores": {
-            "frontend": cores([frontend.pid]),
-            "workers": cores([w.pid for w in workers]),
-            "client": round(client / result.seconds, 2),
-        },
+        "cpu_cores": {"server": round(busy / result.seconds, 2), "client": round(client / result.seconds, 2)},
     }
 
 
-def worker_round_trip(server: Server, seconds: float) -> dict:
-    """TorchServe's own cost of one request, no model work: ``GET /models/cifar3?customized=true`` at c=1
-    goes frontend -> worker -> our handler's describe_handle -> back, like a prediction minus decode,
-    preprocessing and the forward pass. No handler can answer a prediction faster than this."""
+def serve_torchserve(checkpoint: Path, model_config: Path, images: list[bytes], levels, seconds: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="cifar3-bench-") as tmp:
+        store = Path(tmp) / "model_store"
+        subprocess.run(
+            ["bash", str(ROOT / "scripts" / "archive.sh"), str(checkpoint)],
+            check=True,
+            env={**os.environ, "MODEL_STORE": str(store), "MODEL_CONFIG": str(model_config)},
+            stdout=subprocess.DEVNULL,
+        )
+        server = start_server(Path(tmp), store, timeout=300)
+        try:
+            management = requests.get(
+                f"{server.management_url}/models/{server.model}",
+                params={"customized": "true"},
+                headers=server.headers("management"),
+                timeout=60,
+            ).json()[0]
+            custom = management.get("customizedMetadata") or {}
+            custom = json.loads(custom) if isinstance(custom, str) else custom
+            settings = {k: management.get(k) for k in ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers")}
+            settings |= {k: custom.get(k) for k in ("engine", "dtype", "threads", "engine_requested")}
+            url = f"{server.inference_url}/predictions/{server.model}"
+            headers = server.headers() | {"Content-Type": "application/octet-stream"}
+            served = []
+            for concurrency in levels:
+                served.append(load(url, headers, images, concurrency, seconds, server.pid()))
+                print(json.dumps({"torchserve": served[-1]}), flush=True)
+            floor = round_trip(server, min(seconds, 5.0))
+        finally:
+            server.stop()
+    return {"settings": settings, "levels": served, "round_trip": floor}
+
+
+def round_trip(server: Server, seconds: float) -> dict:
+    """TorchServe's own cost of one request without model work: the describe call at c=1 goes frontend ->
+    worker -> our handler -> back, like a prediction minus decode, preprocessing and the forward pass."""
     url = f"{server.management_url}/models/{server.model}?customized=true"
     headers = server.headers("management")
     run_load(url, [b""], headers, concurrency=1, seconds=1.0, method="GET")  # warm-up
@@ -226,81 +377,220 @@ def worker_round_trip(server: Server, seconds: float) -> dict:
     return {k: summary[k] for k in ("requests", "errors", "p50_ms", "p90_ms", "p99_ms")}
 
 
+def stop_process_tree(process: subprocess.Popen) -> None:
+    """SIGTERM to the peer and everything it started (its own session), SIGKILL what is left after 10 s."""
+    family = [process.pid] + [p.pid for p in psutil.Process(process.pid).children(recursive=True)]
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    _, alive = psutil.wait_procs([psutil.Process(p) for p in family if psutil.pid_exists(p)], timeout=10)
+    for survivor in alive:
+        with contextlib.suppress(psutil.Error):
+            survivor.kill()
+    process.wait(timeout=10)
+
+
+def serve_peer(name: str, command: list[str], bodies: list[bytes], headers: dict, levels, seconds: float) -> dict:
+    """Start a peer on a free loopback port, wait for /health, drive it like TorchServe, stop it."""
+    (port,) = free_ports(1)
+    log = tempfile.NamedTemporaryFile(prefix=f"cifar3-{name}-", suffix=".log", delete=False)  # noqa: SIM115
+    process = subprocess.Popen(
+        [*command, "--port", str(port)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start; its log: {log.name}")
+            time.sleep(0.5)
+        levels_out = []
+        for concurrency in levels:
+            levels_out.append(
+                load(f"http://127.0.0.1:{port}/predict", headers, bodies, concurrency, seconds, process.pid)
+            )
+            print(json.dumps({name: levels_out[-1]}), flush=True)
+    finally:
+        stop_process_tree(process)
+    Path(log.name).unlink(missing_ok=True)
+    return {"command": " ".join(command[2:]), "levels": levels_out}
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": str(torch.__version__), "python": platform.python_version()}
+    import torch
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f" {f}" in flags]
+    import onnxruntime
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "isa": isa,
+        "torch": str(torch.__version__),
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def checks(report: dict) -> list[dict]:
+    limits_, ts = report["in_process"]["limits"], {r["concurrency"]: r for r in report["served"]["levels"]}
+    peers = {name: {r["concurrency"]: r for r in peer["levels"]} for name, peer in report["peers"].items()}
+    out = []
+
+    def add(check, target, measured, met, basis):
+        out.append({"check": check, "target": target, "measured": measured, "met": bool(met), "basis": basis})
+
+    if 1 in ts:
+        ratio = round(ts[1]["p50_ms"] / limits_["batch1"]["ms"], 2)
+        add(
+            "served c=1 p50 / fastest in-process batch-1 forward",
+            f"<= {TARGETS['p50_c1_vs_batch1']}",
+            ratio,
+            ratio <= TARGETS["p50_c1_vs_batch1"],
+            f"{ts[1]['p50_ms']} ms / {limits_['batch1']['ms']} ms ({limits_['batch1']['from']})",
+        )
+    if 16 in ts:
+        c16 = ts[16]
+        best16 = limits_["with_16_in_flight"]
+        ratio = round(c16["images_per_s"] / best16["images_per_s"], 3)
+        add(
+            "served c=16 / best in-process rate with <= 16 images in flight",
+            f">= {TARGETS['c16_vs_inprocess16']}",
+            ratio,
+            ratio >= TARGETS["c16_vs_inprocess16"],
+            f"{c16['images_per_s']} / {best16['images_per_s']} img/s ({best16['from']})",
+        )
+        add("errors at c=16", "0", c16["errors"], c16["errors"] == 0, "")
+        add(
+            "p99 at c=16 (ms)",
+            f"<= {TARGETS['p99_c16_ms']:.0f}",
+            c16["p99_ms"],
+            c16["p99_ms"] <= TARGETS["p99_c16_ms"],
+            "",
+        )
+        for name, key in (("litserve", "vs_litserve"), ("prototype", "vs_prototype")):
+            if 16 in peers.get(name, {}):
+                peer = peers[name][16]["images_per_s"]
+                ratio = round(c16["images_per_s"] / peer, 2) if peer else float("inf")
+                add(
+                    f"served c=16 / {name} c=16",
+                    f">= {TARGETS[key]}",
+                    ratio,
+                    ratio >= TARGETS[key],
+                    f"{c16['images_per_s']} / {peer} img/s",
+                )
+    return out
 
 
 def markdown(report: dict) -> str:
-    ip, checks, floor = report["in_process"], report["checks"], report["worker_round_trip"]
-    side = ip["side_by_side"]
+    m, ip, served = report["machine"], report["in_process"], report["served"]
+    lim = ip["limits"]
+    caps = sorted({r["capability"] for r in ip["runs"] if r["engine"] == "torch"})
+    mode = (
+        "PyTorch restricted to AVX2 (" + " ".join(f"{k}={v}" for k, v in AVX2_ENV.items()) + ")"
+        if report["avx2"]
+        else "native"
+    )
+    batches = list(ip["runs"][0]["images_per_s_by_batch"])
     lines = [
-        f"# cifar3 benchmark ({report['date']})",
+        f"# cifar3 benchmark: {mode} ({report['date']})",
         "",
-        f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; torch {report['machine']['torch']}. "
-        f"Model: {ip['variant']} from `{report['checkpoint']}`, {ip['dtype']}; in-process with "
-        f"{ip['threads']} torch threads.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, ISA {', '.join(m['isa'])} ({MACHINE_NOTE}); torch {m['torch']} "
+        f"(CPU capability used: {', '.join(caps)}), onnxruntime {m['onnxruntime']}. Model: {report['variant']} "
+        f"from `{report['checkpoint']}`. Command: `{report['command']}`.",
         "",
-        "## In-process (the machine's limit for this model)",
+        "## In-process: every engine (images/s; batch-1 p50 forward and with decode + preprocessing)",
         "",
-        f"One process, {ip['threads']} torch threads:",
-        "",
-        "| batch | images/s |",
-        "|---:|---:|",
-        *[f"| {b} | {r} |" for b, r in ip["images_per_s_by_batch"].items()],
-        "",
-        f"Batch-1 latency p50 (faster of 1 and {ip['threads']} threads: {ip['batch1_threads']}): "
-        f"{ip['batch1_forward_p50_ms']} ms forward only, {ip['batch1_with_preprocessing_p50_ms']} ms with decode + "
-        "preprocessing.",
-        "",
-        f"With {ip['worker_threads']} torch thread(s), as each served worker runs: "
-        + ", ".join(f"batch {b}: {r} images/s" for b, r in ip["images_per_s_by_batch_worker_threads"].items())
-        + ".",
-        "",
-        f"The served layout, compute only: {side['processes']} process(es) x {side['threads']} thread(s) at batch "
-        f"{side['batch']}, side by side with no server: {side['images_per_s']} images/s.",
-        "",
-        f"**The machine's limit: {ip['limit']['images_per_s']} images/s** ({ip['limit']['from']}; the best of "
-        + ", ".join(f"{k}: {v}" for k, v in ip["limit"]["candidates"].items())
-        + ").",
-        "",
-        "## Served by TorchServe over HTTP (closed-loop clients, same machine)",
-        "",
-        "Cores: how many of the machine's cores each part kept busy on average (frontend = TorchServe's Java",
-        "process, workers = all Python workers together, client = the load generator).",
-        "",
-        "| concurrency | images/s | p50 ms | p90 ms | p99 ms | errors | cores: frontend / workers / client |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| engine | dtype | threads | "
+        + " | ".join(f"batch {b}" for b in batches)
+        + " | batch 1 ms | with preprocessing ms |",
+        "|---|---|---:|" + "---:|" * len(batches) + "---:|---:|",
         *[
-            f"| {r['concurrency']} | {r['images_per_s']} | {r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} "
-            f"| {r['errors']} | {' / '.join(str(r['cpu_cores'][k]) for k in ('frontend', 'workers', 'client'))} |"
-            for r in report["served"]
-        ],  # fmt: skip
+            f"| {r['engine']} | {r['dtype']} | {r['threads']} | "
+            + " | ".join(str(r["images_per_s_by_batch"][b]) for b in batches)
+            + f" | {r['batch1_forward_p50_ms']} | {r['batch1_with_preprocessing_p50_ms']} |"
+            for r in ip["runs"]
+        ],
         "",
-        f"TorchServe's round trip without model work (`GET /models/<model>?customized=true` at c=1, through a "
-        f"worker and our handler's describe): p50 {floor['p50_ms']} ms, p90 {floor['p90_ms']} ms, "
-        f"p99 {floor['p99_ms']} ms.",
-        "",
-        "## Targets",
-        "",
-        "Bound: the best any server could measure on this machine, from this run's numbers. At c=16 no batch",
-        "holds more than 16 images, so the served rate cannot pass the best in-process rate with 16 images in",
-        "flight; at c=1 a prediction costs at least the batch-1 forward, its preprocessing, TorchServe's round",
-        "trip and the batch delay (a lone request waits maxBatchDelay for company).",
-        "",
-        "| check | target | measured | met | bound |",
-        "|---|---|---|---|---|",
         *[
-            f"| {c['check']} | {c['target']} | {c['measured']} | {'yes' if c['met'] else '**no**'} "
-            f"| {c.get('bound', '')} |"
-            for c in checks
-        ],  # fmt: skip
+            f"- {r['engine']} {r['dtype']}, {s['processes']} single-threaded processes side by side: "
+            + ", ".join(f"batch {b} each: {v} img/s" for b, v in s["images_per_s_by_batch_each"].items())
+            for r in ip["runs"]
+            if (s := r.get("side_by_side"))
+        ],
         "",
-        f"Server settings: {report['server_settings']}.",
+        f"**The machine's limit: {lim['machine']['images_per_s']} images/s** ({lim['machine']['from']}). "
+        f"Best with at most 16 images in flight: {lim['with_16_in_flight']['images_per_s']} images/s "
+        f"({lim['with_16_in_flight']['from']}). Fastest batch-1 forward: {lim['batch1']['ms']} ms "
+        f"({lim['batch1']['from']}).",
         "",
+        "## Served (closed-loop clients on the same machine, bench/loadgen.py)",
+        "",
+        f"TorchServe: {served['settings']}. Round trip without model work (describe call at c=1): "
+        f"p50 {served['round_trip']['p50_ms']} ms.",
+        "",
+        "| server | concurrency | images/s | p50 ms | p90 ms | p99 ms | errors | cores: server / client |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    for name, levels in (
+        ("TorchServe (cifar3)", served["levels"]),
+        *((peer_label(n), p["levels"]) for n, p in report["peers"].items()),
+    ):
+        lines += [
+            f"| {name} | {r['concurrency']} | {r['images_per_s']} | {r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} "
+            f"| {r['errors']} | {r['cpu_cores']['server']} / {r['cpu_cores']['client']} |"
+            for r in levels
+        ]
+    lines += ["", *[f"- {peer_label(n)}: `python -m {p['command']}`" for n, p in report["peers"].items()], ""]
+    lines += [
+        "## Targets (ratios of figures from this run)",
+        "",
+        "| check | target | measured | met | from |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c['check']} | {c['target']} | {c['measured']} | {'yes' if c['met'] else '**no**'} | {c['basis']} |"
+        for c in report["checks"]
+    ]
+    lines += [
+        "",
+        "## Parity with PyTorch float32 (the checkpoint's validation split, `training.evaluate --validation`)",
+        "",
+        "| engine | accuracy | predictions equal to float32's | max probability difference |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {p['accuracy']:.4f} | {p['agree_with_float32']} of {p['n']} ({p['agreement']:.2%}) "
+        f"| {p['max_probability_difference']:g} |"
+        for name, p in report["parity"].items()
+    ]
+    lines += ["", "GPU: not measured (no GPU on this machine).", ""]
     return "\n".join(lines)
+
+
+def peer_label(name: str) -> str:
+    return {"litserve": "LitServe 0.2.19 (peer)", "prototype": "prototype design: FastAPI, eager (peer)"}.get(
+        name, name
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,109 +598,111 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "cifar3.pt")
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="image folder to sample requests from")
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of each served load level")
-    parser.add_argument("--concurrency", default="1,4,16")
-    parser.add_argument("--in-process-seconds", type=float, default=3.0, help="timing per in-process batch size")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in-process")
+    parser.add_argument("--concurrency", default="1,4,16,64")
+    parser.add_argument("--peer-concurrency", default="1,16", help="load levels for the peers")
+    parser.add_argument("--in-process-seconds", type=float, default=2.0, help="timing per engine and batch size")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="'all threads' in-process")
+    parser.add_argument("--avx2", action="store_true", help="emulate an AVX2 CPU for PyTorch (every process)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run in seconds: tiny timings, batches 1 and 8, "
+        "concurrency 1 and 4, peers at 4; figures meaningless",
+    )
+    parser.add_argument("--no-peers", action="store_true", help="skip the LitServe and FastAPI peers")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "reports")
     parser.add_argument(
         "--model-config",
         type=Path,
         default=ROOT / "handler" / "model-config.yaml",
-        help="model-config.yaml to archive with (to compare batching/worker settings)",
+        help="model-config.yaml to archive with (to compare worker and batching settings)",
     )
-    parser.add_argument("--variant", help="benchmark an untrained model of this variant instead of --checkpoint")
     args = parser.parse_args(argv)
-    if args.variant:  # speed does not depend on the weights: a random model of the variant will do
-        args.checkpoint = untrained_checkpoint(args.variant, Path(tempfile.mkdtemp(prefix="cifar3-untrained-")))
+    if args.quick:
+        args.seconds, args.in_process_seconds, args.concurrency, args.peer_concurrency = 1.0, 0.05, "1,4", "4"
     if not args.checkpoint.is_file():
         print(
             f"error: checkpoint not found: {args.checkpoint}; train one with python -m training.train", file=sys.stderr
         )
         return 2
+    if args.avx2:  # before any child starts: torch reads these when it is imported
+        os.environ.update(AVX2_ENV)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    peer_levels = [int(c) for c in args.peer_concurrency.split(",")]
     images = load_image_bytes(args.images, 256)
-    model_config = yaml.safe_load(args.model_config.read_text()) or {}
-    options = model_config.get("handler") or {}
-    worker_threads, dtype = int(options.get("torch_threads") or args.threads), str(options.get("dtype", "auto"))
-    print(f"in-process: {args.checkpoint} on {len(images)} images ...", flush=True)
-    inproc = in_process(args.checkpoint, dtype, images, args.threads, worker_threads, args.in_process_seconds)
-    workers, batch_size = int(model_config.get("minWorkers", 1)), int(model_config.get("batchSize", 1))
-    loop_seconds, cores = max(1.0, 2 * args.in_process_seconds), os.cpu_count() or 1
-    side = inproc["side_by_side"] = side_by_side(
-        args.checkpoint, dtype, workers, worker_threads, batch_size, loop_seconds
-    )
-    # The machine's limit is the best of every way to spend its cores: one process with all of them, one
-    # single-threaded process per core, or the served layout itself.
-    limits = {
-        f"1 process x {args.threads} threads, batch {inproc['best_batch']}": inproc["batched_images_per_s"],
-        f"served layout: {workers} x {worker_threads} thread(s), batch {batch_size}": side["images_per_s"],
-    }
-    if cores > 1:
-        per_core = side_by_side(args.checkpoint, dtype, cores, 1, 64, loop_seconds)["images_per_s"]
-        limits[f"{cores} processes x 1 thread, batch 64"] = per_core
-    limit_from = max(limits, key=limits.get)
-    inproc["limit"] = {"images_per_s": limits[limit_from], "from": limit_from, "candidates": limits}
-    # With 16 requests in flight no batch holds more than 16 images: the best any server could do at c=16.
-    at_16 = [inproc["images_per_s_by_batch"]["16"]] + ([side["images_per_s"]] if workers * batch_size <= 16 else [])
-    inproc["limit_with_16_in_flight"] = max(at_16)
-    print(json.dumps(inproc), flush=True)
+    config = yaml.safe_load(args.model_config.read_text()) or {}
+    options = config.get("handler") or {}
+    workers, threads = int(config.get("minWorkers", 1)), int(options.get("threads") or 1)
 
-    with tempfile.TemporaryDirectory(prefix="cifar3-bench-") as tmp:
-        store = Path(tmp) / "model_store"
-        subprocess.run(["bash", str(ROOT / "scripts" / "archive.sh"), str(args.checkpoint)], check=True,
-                       env={**os.environ, "MODEL_STORE": str(store), "MODEL_CONFIG": str(args.model_config)},
-                       stdout=subprocess.DEVNULL)  # fmt: skip
-        server = start_server(Path(tmp), store, timeout=300)
-        try:
-            described = requests.get(f"{server.management_url}/models/{server.model}",
-                                     headers=server.headers("management"), timeout=30).json()[0]  # fmt: skip
-            settings = {k: described.get(k) for k in ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers")}
-            settings["torch_threads"] = worker_threads
-            floor = worker_round_trip(server, min(args.seconds, 10.0))
-            print(json.dumps({"worker_round_trip": floor}), flush=True)
-            served = []
-            for concurrency in (int(c) for c in args.concurrency.split(",")):
-                served.append(load(server, images, concurrency, args.seconds))
-                print(json.dumps(served[-1]), flush=True)
-        finally:
-            server.stop()
+    with tempfile.TemporaryDirectory(prefix="cifar3-bench-onnx-") as tmp:
+        onnx = Path(tmp) / "model.onnx"
+        verify_on = ["--images", str(args.images)] if args.images.is_dir() else []  # else: the training data
+        subprocess.run(
+            [sys.executable, "-m", "cifar3.export", str(args.checkpoint), str(onnx), *verify_on], check=True, cwd=ROOT
+        )
+        print(f"in-process: {args.checkpoint} ...", flush=True)
+        inproc = in_process(args.checkpoint, onnx, images, args.threads, args.in_process_seconds, args.quick)
+        print("parity on the validation split ...", flush=True)
+        agreement = parity(args.checkpoint, 1)
+        print(json.dumps(agreement), flush=True)
+        served = serve_torchserve(args.checkpoint, args.model_config, images, levels, args.seconds)
+        peers = {}
+        if not args.no_peers:
+            as_json = [json.dumps({"data": base64.b64encode(b).decode()}).encode() for b in images]
+            python = [sys.executable, "-m"]
+            peers["litserve"] = serve_peer(
+                "litserve",
+                [
+                    *python,
+                    "bench.peers.litserve_server",
+                    "--checkpoint",
+                    str(args.checkpoint),
+                    "--engine",
+                    str(served["settings"]["engine"]),
+                    "--onnx",
+                    str(onnx),
+                    "--workers",
+                    str(workers),
+                    "--threads",
+                    str(threads),
+                    "--batch-size",
+                    str(config.get("batchSize", 8)),
+                    "--batch-timeout-ms",
+                    str(config.get("maxBatchDelay", 1)),
+                ],
+                as_json,
+                {"Content-Type": "application/json"},
+                peer_levels,
+                args.seconds,
+            )
+            peers["prototype"] = serve_peer(
+                "prototype",
+                [*python, "bench.peers.prototype_fastapi", "--checkpoint", str(args.checkpoint)],
+                images,
+                {"Content-Type": "application/octet-stream"},
+                peer_levels,
+                args.seconds,
+            )
 
-    by_c = {r["concurrency"]: r for r in served}
-    checks = []
-    # "bound": the best any server could measure here. With 16 requests in flight no batch holds more than
-    # 16 images; at c=1 a prediction costs at least the forward, preprocessing, the round trip, the batch delay.
-    limit = inproc["limit"]["images_per_s"]
-    if 16 in by_c:
-        ratio = by_c[16]["images_per_s"] / limit
-        bound = min(1.0, inproc["limit_with_16_in_flight"] / limit)
-        checks += [
-            {"check": "served c=16 / in-process limit", "target": f">= {TARGETS['served_vs_inprocess_c16']}",
-             "measured": round(ratio, 3), "met": ratio >= TARGETS["served_vs_inprocess_c16"],
-             "bound": round(bound, 3), "bound_is": "best in-process rate with 16 images in flight / limit"},
-            {"check": "errors at c=16", "target": "0", "measured": by_c[16]["errors"], "met": by_c[16]["errors"] == 0},
-            {"check": "p99 at c=16 (ms)", "target": f"<= {TARGETS['p99_c16_ms']:.0f}",
-             "measured": by_c[16]["p99_ms"], "met": by_c[16]["p99_ms"] <= TARGETS["p99_c16_ms"]},
-        ]  # fmt: skip
-    if 1 in by_c:
-        forward = inproc["batch1_forward_p50_ms"]
-        ratio, target = by_c[1]["p50_ms"] / forward, TARGETS["p50_c1_vs_batch1"]
-        # With dynamic batching on, a lone request also waits maxBatchDelay for company before it runs.
-        bound = (inproc["batch1_with_preprocessing_p50_ms"] + floor["p50_ms"] + settings["maxBatchDelay"]) / forward
-        checks.append({"check": "p50 at c=1 / in-process batch-1 forward p50", "target": f"<= {target}",
-                       "measured": round(ratio, 3), "met": ratio <= target, "bound": round(bound, 3),
-                       "bound_is": "(forward + preprocessing + round trip + maxBatchDelay) / forward"})  # fmt: skip
+    from cifar3.checkpoint import load_checkpoint
+
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
+        "avx2": args.avx2,
+        "command": " ".join(["bench/benchmark.py", *(argv if argv is not None else sys.argv[1:])]),
         "checkpoint": str(args.checkpoint),
+        "variant": load_checkpoint(args.checkpoint)[1].variant,
         "in_process": inproc,
+        "parity": agreement,
         "served": served,
-        "server_settings": settings,
-        "worker_round_trip": floor,
-        "checks": checks,
+        "peers": peers,
     }
+    report["checks"] = checks(report)
+    name = "benchmark-avx2" if args.avx2 else "benchmark"
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out_dir / "benchmark.md").write_text(markdown(report))
+    (args.out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out_dir / f"{name}.md").write_text(markdown(report))
     print(markdown(report))
     return 0
 

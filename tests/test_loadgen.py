@@ -11,10 +11,13 @@ import json
 import time
 
 import pytest
+import torch
 from conftest import MODEL_CONFIG, PYTHON, ROOT, free_ports, run_cli
 from PIL import Image
 
 from bench.loadgen import NO_ANSWER, _Connection, build_requests, percentile, run_load
+from cifar3.engine import choose_engine
+from cifar3.inference import dtype_name
 
 OCTET = {"Content-Type": "application/octet-stream"}
 
@@ -117,23 +120,43 @@ def test_a_port_with_no_server_gives_no_answer_samples_and_ends_on_time():
 
 def test_benchmark_quick_run_writes_its_report(tiny_checkpoint, tmp_path):
     out = tmp_path / "reports"
-    done = run_cli(PYTHON, str(ROOT / "bench" / "benchmark.py"), "--checkpoint", str(tiny_checkpoint),
-                   "--seconds", "1", "--concurrency", "1,4", "--in-process-seconds", "0.05",
-                   "--images", str(tmp_path / "no-images"), "--out-dir", str(out), timeout=600)  # fmt: skip
+    done = run_cli(PYTHON, str(ROOT / "bench" / "benchmark.py"), "--checkpoint", str(tiny_checkpoint), "--quick",
+                   "--images", str(tmp_path / "no-images"), "--out-dir", str(out), timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((out / "benchmark.json").read_text())
-    assert [r["concurrency"] for r in report["served"]] == [1, 4]
-    for level in report["served"]:
-        assert level["errors"] == 0 and level["images_per_s"] > 0, level
-        assert level["cpu_cores"]["workers"] > 0 and level["cpu_cores"]["frontend"] >= 0
-    limit = report["in_process"]["limit"]  # the best of the ways to spend the cores, and which one it was
-    assert limit["images_per_s"] == max(limit["candidates"].values()) >= report["in_process"]["batched_images_per_s"]
-    assert limit["from"] in limit["candidates"]
-    assert report["server_settings"]["batchSize"] == MODEL_CONFIG["batchSize"]
-    assert report["in_process"]["worker_threads"] == MODEL_CONFIG["handler"]["torch_threads"]
-    floor = report["worker_round_trip"]  # describe calls through a worker, none lost
-    assert floor["requests"] > 0 and floor["errors"] == 0 and 0 < floor["p50_ms"] < report["served"][0]["p99_ms"]
-    [c1] = [c for c in report["checks"] if c["check"].startswith("p50 at c=1")]
-    assert c1["bound"] > 1.0  # a served request costs more than its forward pass alone
+    # in-process: every engine, each rate real; the limits are the best (fastest) of them and say where from
+    runs = report["in_process"]["runs"]
+    assert {(r["engine"], r["dtype"]) for r in runs} == {("torch", "float32"), ("torch", "bfloat16"),
+                                                         ("onnxruntime", "float32")}  # fmt: skip
+    assert all(rate > 0 for r in runs for rate in r["images_per_s_by_batch"].values())
+    limits = report["in_process"]["limits"]
+    assert limits["machine"]["images_per_s"] == max(v for r in runs for v in r["images_per_s_by_batch"].values())
+    assert limits["batch1"]["ms"] == min(r["batch1_forward_p50_ms"] for r in runs)
+    # served: the engine auto chose here, with model-config's threads, every level answered
+    choice = choose_engine("auto", torch.device("cpu"))
+    settings = report["served"]["settings"]
+    assert (settings["engine"], settings["dtype"]) == (choice.engine, dtype_name(choice.dtype))
+    assert settings["threads"] == MODEL_CONFIG["handler"]["threads"]
+    assert settings["batchSize"] == MODEL_CONFIG["batchSize"]
+    assert [r["concurrency"] for r in report["served"]["levels"]] == [1, 4]
+    for level in report["served"]["levels"] + [lv for p in report["peers"].values() for lv in p["levels"]]:
+        assert level["errors"] == 0 and level["images_per_s"] > 0 and level["cpu_cores"]["server"] > 0, level
+    assert set(report["peers"]) == {"litserve", "prototype"}
+    # parity on the validation split: ONNX Runtime says what PyTorch float32 says
+    ort, float32 = report["parity"]["onnxruntime float32"], report["parity"]["torch float32"]
+    assert ort["agreement"] == 1.0 and ort["max_probability_difference"] <= 1e-4 and ort["n"] == float32["n"] > 0
+    assert any(c["check"].startswith("served c=1 p50") for c in report["checks"])
     markdown = (out / "benchmark.md").read_text()
-    assert "| 4 |" in markdown and "cores: frontend / workers / client" in markdown
+    assert "| onnxruntime | float32 | 1 |" in markdown and "LitServe" in markdown and "not measured" in markdown
+
+
+def test_benchmark_avx2_mode_restricts_torch_in_its_processes(tiny_checkpoint, tmp_path, monkeypatch):
+    from bench.benchmark import AVX2_ENV, in_process, load_image_bytes
+    from cifar3.export import export_checkpoint
+
+    onnx = export_checkpoint(tiny_checkpoint, tmp_path / "model.onnx")
+    for name, value in AVX2_ENV.items():  # what --avx2 does before any measuring process starts
+        monkeypatch.setenv(name, value)
+    images = load_image_bytes(tmp_path / "no-images", 8)
+    result = in_process(tiny_checkpoint, onnx, images, threads=1, seconds=0.01, quick=True)
+    assert {r["capability"] for r in result["runs"]} == {"AVX2"}
