@@ -145,7 +145,8 @@ def load_engine(
     ``threads`` sets torch's intra-op threads (preprocessing runs in torch whatever the engine) and ONNX
     Runtime's. The onnxruntime engine runs ``onnx_path`` (the archive's exported model); with None it
     exports the checkpoint now, exactly as scripts/archive.sh does. Where ONNX Runtime cannot run (not
-    installed, the exported model missing, or no exporter) the torch engine runs instead, with one log line.
+    installed, the exported model missing or unreadable, or no exporter) the torch engine runs instead, with
+    one log line.
     """
     device = torch.device(device)
     if threads:
@@ -161,7 +162,7 @@ def load_engine(
 
                 exported = export_checkpoint(checkpoint, Path(folder) / "cifar3.onnx")
                 return OnnxRuntimeEngine(exported, threads), meta  # the session holds the graph in memory
-        except (ImportError, FileNotFoundError) as exc:
+        except Exception as exc:  # whatever stops ONNX Runtime must not leave a dead worker
             choice = choose_engine("torch", device, dtype)
             logger.warning("engine %s: onnxruntime cannot run here (%s); running torch %s instead",
                            engine, exc, dtype_name(choice.dtype))  # fmt: skip

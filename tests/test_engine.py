@@ -95,11 +95,15 @@ def test_without_onnxruntime_the_torch_engine_runs_with_one_log_line(tiny_checkp
     assert len(caplog.records) == 1 and "onnxruntime cannot run here" in caplog.records[0].getMessage()
 
 
-def test_a_missing_exported_model_falls_back_to_torch(tiny_checkpoint, tmp_path, caplog):
+@pytest.mark.parametrize("content", [None, b"not an onnx model"])
+def test_a_missing_or_unreadable_exported_model_falls_back_to_torch(tiny_checkpoint, tmp_path, caplog, content):
+    path = tmp_path / "model.onnx"
+    if content is not None:
+        path.write_bytes(content)
     with caplog.at_level(logging.INFO, logger="cifar3.engine"):
-        engine, _ = load_engine(tiny_checkpoint, "onnxruntime", onnx_path=tmp_path / "none.onnx")
+        engine, _ = load_engine(tiny_checkpoint, "onnxruntime", onnx_path=path)
     assert isinstance(engine, TorchEngine)
-    assert len(caplog.records) == 1 and "none.onnx" in caplog.records[0].getMessage()
+    assert len(caplog.records) == 1 and "onnxruntime cannot run here" in caplog.records[0].getMessage()
 
 
 # -- export and its verification --------------------------------------------------------------------
