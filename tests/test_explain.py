@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import requests
 import torch
-from conftest import PYTHON, ROOT, run_cli
+import yaml
+from conftest import MODEL_CONFIG, PYTHON, ROOT, run_cli, start_server
 from PIL import Image
 from synthetic import encode, sample_image
 
@@ -239,3 +240,34 @@ def test_serve_py_explain_writes_the_overlay(server, tmp_path):
     result = run_cli(*args, "explain", str(image), "--out", str(tmp_path / "x.png"), "--target", "cat")
     assert result.returncode == 1 and "unknown target class 'cat'" in result.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.server
+def test_explanations_work_when_onnx_runtime_serves_predictions(tiny_checkpoint, tmp_path):
+    """The explainer is a PyTorch model of its own: predictions from ONNX Runtime, heat maps as with torch."""
+    config = MODEL_CONFIG | {
+        "minWorkers": 1,
+        "maxWorkers": 1,
+        "handler": MODEL_CONFIG["handler"] | {"engine": "onnxruntime"},
+    }
+    (tmp_path / "model-config.yaml").write_text(yaml.safe_dump(config))
+    store = tmp_path / "store"
+    result = run_cli("bash", str(ROOT / "scripts" / "archive.sh"), str(tiny_checkpoint),
+                     env={"MODEL_STORE": str(store), "MODEL_CONFIG": str(tmp_path / "model-config.yaml")})  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    server = start_server(tmp_path / "server", store)
+    try:
+        assert server.client().describe(customized=True)["customizedMetadata"]["engine"] == "onnxruntime"
+        image = encode(sample_image("ship"), "PNG")
+        prediction = post(server, "predictions", data=image).json()
+        response = post(server, data=image)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert {k: body[k] for k in ("pred_class", "probs")} == prediction
+        model, meta = load_checkpoint(tiny_checkpoint)
+        batch = eval_transform([sample_image("ship")], meta.image_size, meta.mean, meta.std)
+        target = CLASSES.index(body["explanation"]["target"])
+        expected = GradCam(model, meta.image_size).heatmaps(batch, [target])[0]
+        assert torch.allclose(torch.tensor(body["explanation"]["heatmap"]), expected, atol=2e-3)
+    finally:
+        server.stop()
