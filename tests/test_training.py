@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -11,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, ROOT, run_cli
+import torchvision
+from conftest import PYTHON, ROOT, free_ports, run_cli
 from PIL import Image
 from synthetic import write_image_folder
 
@@ -25,10 +25,11 @@ from cifar3.inference import (
     predict_logits,
     prepare_for_inference,
 )
-from cifar3.model import VARIANTS, build_model
+from cifar3.model import VARIANTS, PretrainedWeightsError, build_model, imagenet_weights_path, load_imagenet_weights
 from cifar3.preprocessing import CIFAR10_MEAN, CIFAR10_STD, normalize
+from training.corruptions import CORRUPTIONS, UPSCALED_SIZE, write_corrupted_folders
 from training.data import DataError, limit_per_class, load_split, stratified_split
-from training.train import BestSnapshot, plan_epochs
+from training.train import BestSnapshot, Progress, Recipe, one_cycle, train_epoch
 
 CLASSES = ["airplane", "automobile", "ship"]
 
@@ -86,31 +87,19 @@ def test_unknown_class_name_is_refused():
         parse_classes("airplane,zebra")
 
 
-def test_cifar10_download_or_clear_offline_error(tmp_path):
-    """The real torchvision download: offline (as here) the CLI says to pass a local path instead."""
+def test_cifar10_download_failure_is_a_clear_message(tmp_path):
+    """torchvision's CIFAR-10 download, made to fail for sure (a proxy nobody listens on, so nothing is
+    fetched on a machine that is online): the CLI says to pass a local path instead, without a traceback."""
+    closed = free_ports(1)[0]
+    proxy = {name: f"http://127.0.0.1:{closed}" for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
     out = tmp_path / "x.pt"
     result = run_cli(
-        PYTHON,
-        "-m",
-        "training.train",
-        "--data",
-        "cifar10",
-        "--data-root",
-        str(tmp_path / "data"),
-        "--out",
-        str(out),
-        "--limit",
-        "5",
-        "--epochs",
-        "1",
-        "--variant",
-        "resnet18_imagenet",
-    )
-    if result.returncode == 0:  # a machine with internet access: the download worked
-        assert load_checkpoint(out)[1].train_config["data"] == "cifar10"
-    else:
-        assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert "could not download CIFAR-10" in result.stderr and "Pass --data PATH" in result.stderr
+        PYTHON, "-m", "training.train", "--data", "cifar10", "--data-root", str(tmp_path / "data"),
+        "--out", str(out), "--limit", "5", "--epochs", "1", env={**proxy, "no_proxy": "", "NO_PROXY": ""},
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "could not download CIFAR-10" in result.stderr and "Pass --data PATH" in result.stderr
+    assert not out.exists()
 
 
 def test_split_is_stratified_and_seeded(cifar_dir):
@@ -294,29 +283,187 @@ def test_training_is_reproducible(tmp_path, image_folder):
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
 
 
-def test_time_budget_plans_the_epochs_that_fit(tmp_path, image_folder):
+def test_time_budget_is_used_to_its_end(tmp_path, image_folder):
+    """The schedule is stretched over the budget: training stops when the budget (less the calibration's
+    reserve) is used, not a whole epoch early; the steps taken are recorded for replaying with --steps."""
     out = tmp_path / "budget.pt"
     result = run_cli(
         PYTHON, "-m", "training.train", "--data", str(image_folder), "--out", str(out), "--preset", "gpu-fast",
         "--device", "cpu", "--variant", "resnet18_imagenet", "--limit", "10", "--batch-size", "8",
-        "--time-budget", "0.1",
+        "--time-budget", "0.15",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    plan = re.search(r"time budget 6 s: ~([0-9.]+)s per epoch measured, training (\d+) epochs", result.stdout)
-    assert plan, result.stdout  # the probe ran and planned (plan_epochs' arithmetic is tested below)
-    epochs = int(plan[2])
+    assert "as many steps as fit in a 9 s budget (wall clock)" in result.stdout
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["epochs"] == epochs and summary["preset"] == "gpu-fast"
-    assert len(out.with_suffix(".log.jsonl").read_text().splitlines()) == epochs
-    assert 0 < summary["data_load_s"] <= summary["checkpoint_ready_s"] <= summary["wall_time_s"]
+    records = [json.loads(line) for line in out.with_suffix(".log.jsonl").read_text().splitlines()]
+    assert summary["epochs"] == len(records) and summary["steps"] == records[-1]["steps"]
+    assert records[-1]["lr"] < 0.01 * 0.4  # the schedule ran to its end: annealed to (almost) nothing
+    assert 0.8 * 9 <= summary["checkpoint_ready_s"] <= 9 + 4  # the budget used, and not overrun
+    assert load_checkpoint(out)[1].train_config["steps"] <= summary["steps"]
 
 
-def test_plan_epochs_fits_the_budget_less_its_reserve():
-    assert plan_epochs(20, elapsed_s=4, per_epoch_s=0.4, cap=100) == 35  # (20 - 4 - 2 reserved) / 0.4
-    assert plan_epochs(20, elapsed_s=4, per_epoch_s=0.4, cap=30) == 30  # the preset's epochs are a cap
-    assert plan_epochs(14 * 60, elapsed_s=10, per_epoch_s=90, cap=10) == 9  # reserve 20 s: (840 - 10 - 20) / 90
-    assert plan_epochs(20, elapsed_s=25, per_epoch_s=0.4, cap=100) == 1  # over budget already: one epoch
-    assert plan_epochs(20, elapsed_s=0, per_epoch_s=60, cap=100) == 1
+def test_steps_replays_a_schedule_without_the_clock(tmp_path, image_folder):
+    out = tmp_path / "steps.pt"
+    result = run_cli(PYTHON, "-m", "training.train", "--data", str(image_folder), "--out", str(out), "--limit", "10",
+                     "--batch-size", "8", "--variant", "resnet18_imagenet", "--steps", "5")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "training 5 steps (2 epochs)" in result.stdout  # 27 training images: 3 full batches per epoch
+    records = [json.loads(line) for line in out.with_suffix(".log.jsonl").read_text().splitlines()]
+    assert [r["steps"] for r in records] == [3, 5]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 5
+
+
+def test_one_cycle_has_torchs_one_cycle_shape():
+    """The progress-driven schedule follows torch's OneCycleLR (learning rate and momentum) step by step."""
+    recipe = Recipe("resnet18_fast", epochs=1, batch_size=8, lr=0.2, weight_decay=0, label_smoothing=0,
+                    crop_padding=0, cutout=0, warmup=0.25)  # fmt: skip
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2, momentum=0.9)
+    reference = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.2, total_steps=1000, pct_start=0.25)
+    for step in range(1000):
+        lr, momentum = one_cycle(step / 1000, recipe)
+        group = optimizer.param_groups[0]
+        assert lr == pytest.approx(group["lr"], abs=0.002), step  # 1% of the peak: steps vs a fraction
+        assert momentum == pytest.approx(group["momentum"], abs=2e-3), step
+        optimizer.step()
+        reference.step()
+    assert one_cycle(0.25, recipe) == pytest.approx((0.2, 0.85)) and one_cycle(1.0, recipe)[0] < 1e-5
+
+
+def test_progress_counts_steps_or_the_budgets_clock():
+    by_steps = Progress(steps=4)
+    by_steps.step = 3
+    assert by_steps() == 0.75 and not by_steps.done
+    assert not Progress(budget_end=0.0).done  # out of time before the first step: it still trains one
+    now = [100.0]
+    timed = Progress(budget_end=200.0, clock=lambda: now[0])  # 100 s left; 3% reserved until measured
+    now[0] = 148.5
+    assert timed() == pytest.approx(0.5) and not timed.done
+    timed.reserve_for(validation_s=4.0)  # 2 x 4 s + 2 s kept for the last validation, calibration and save
+    now[0] = 190.0
+    assert timed() == pytest.approx(1.0) and timed.done
+
+
+def test_progressive_resizing_trains_small_inputs_first(image_folder):
+    """low_res=24 until half-way: the network sees 24x24 batches, then 32x32 ones."""
+    recipe = Recipe("resnet18_fast", epochs=1, batch_size=10, lr=0.05, weight_decay=0, label_smoothing=0,
+                    crop_padding=4, cutout=0, warmup=0.25, low_res=24, low_res_until=0.5)  # fmt: skip
+    data = load_split(str(image_folder), CLASSES, "train")
+    model = build_model("resnet18_fast", 3)
+    sizes = []
+    model.conv1.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[-1]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    mean, std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
+    progress = Progress(steps=4)
+    seen = train_epoch(model, optimizer, progress, data.images[:40], data.labels[:40], recipe, gen, mean, std,
+                       False, "test")[2]  # fmt: skip
+    assert sizes == [24, 24, 32, 32] and seen == 40 and progress.done
+
+
+def test_bfloat16_autocast_only_where_native():
+    """Under the AVX2 emulation (an ordinary CPU) training stays in float32 even on a CPU with AVX512-BF16."""
+    code = "import torch; from training.train import computes_bfloat16; print(computes_bfloat16(torch.device('cpu')))"
+    emulated = run_cli(PYTHON, "-c", code, env={"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert emulated.returncode == 0, emulated.stderr
+    assert emulated.stdout.strip() == "False"
+    native = run_cli(PYTHON, "-c", code)
+    assert native.stdout.strip() == str(native_bfloat16(torch.device("cpu")))
+
+
+# --- --pretrained ----------------------------------------------------------------------------------
+
+
+def no_network_env(tmp_path) -> dict:
+    """An empty TORCH_HOME and a proxy nobody listens on: no download can happen, online or not."""
+    closed = free_ports(1)[0]
+    proxy = {name: f"http://127.0.0.1:{closed}" for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
+    return {**proxy, "no_proxy": "", "NO_PROXY": "", "TORCH_HOME": str(tmp_path / "torch-home")}
+
+
+def fake_imagenet_weights() -> dict[str, torch.Tensor]:
+    """Random weights in the shapes of torchvision's ImageNet ResNet18 (1000 classes, 7x7 stem)."""
+    return torchvision.models.resnet18(weights=None).state_dict()
+
+
+def test_pretrained_loads_every_matching_layer_from_the_cache(tmp_path, monkeypatch):
+    """Random weights saved under torchvision's file name in TORCH_HOME stand in for the real download."""
+    for name, value in no_network_env(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    path = imagenet_weights_path()
+    assert path.is_relative_to(tmp_path / "torch-home") and path.name.startswith("resnet18-")
+    path.parent.mkdir(parents=True)
+    imagenet = fake_imagenet_weights()
+    torch.save(imagenet, path)
+    model = build_model("resnet18_fast", 3)
+    untouched = model.state_dict()["layer4.1.conv2.weight"].clone()
+    loaded, skipped = load_imagenet_weights(model)
+    assert skipped == ["conv1.weight", "fc.bias", "fc.weight"]  # 3x3 stem and 3-class head differ in shape
+    assert len(loaded) == len(imagenet) - 3
+    state = model.state_dict()
+    assert all(torch.equal(state[name], imagenet[name]) for name in loaded)
+    assert not torch.equal(state["layer4.1.conv2.weight"], untouched)
+    assert len(load_imagenet_weights(build_model("resnet18_imagenet", 3))[0]) == len(imagenet) - 2  # its stem fits
+
+
+def test_pretrained_offline_is_one_clear_error_naming_the_file(tmp_path, monkeypatch, image_folder):
+    env = no_network_env(tmp_path)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(PretrainedWeightsError, match="put the file at .*torch-home/hub/checkpoints/resnet18-"):
+        load_imagenet_weights(build_model("resnet18_fast", 3))
+    train = [PYTHON, "-m", "training.train", "--data", str(image_folder), "--out", str(tmp_path / "p.pt"),
+             "--limit", "5", "--epochs", "1", "--pretrained"]  # fmt: skip
+    result = run_cli(*train, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: --pretrained: could not load")
+    assert str(imagenet_weights_path()) in result.stderr
+    imagenet_weights_path().parent.mkdir(parents=True)
+    torch.save(fake_imagenet_weights(), imagenet_weights_path())
+    result = run_cli(*train, env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"--pretrained: {len(fake_imagenet_weights()) - 3} ImageNet tensors loaded" in result.stdout
+    assert load_checkpoint(tmp_path / "p.pt")[1].train_config["pretrained"] == "IMAGENET1K_V1"
+
+
+# --- corrupted copies of the validation split ------------------------------------------------------
+
+
+def test_corrupted_folders_change_the_pixels_and_keep_the_labels(tmp_path, image_folder):
+    data = limit_per_class(load_split(str(image_folder), CLASSES, "train"), 2, seed=0)
+    names = write_corrupted_folders(data, CLASSES, tmp_path / "c", seed=0)
+    assert names == ["clean", *CORRUPTIONS] and len(CORRUPTIONS) == 9
+    clean = load_split(str(tmp_path / "c" / "clean"), CLASSES, "test")
+    assert torch.equal(clean.images, data.images) and torch.equal(clean.labels, data.labels)  # lossless
+    for name in CORRUPTIONS:
+        corrupted = load_split(str(tmp_path / "c" / name), CLASSES, "test")  # read as an upload is: resized to 32
+        assert torch.equal(corrupted.labels, data.labels), name
+        if name != "upscaled":  # bicubic up and down again: nearly the same pixels
+            assert (corrupted.images.float() - data.images.float()).abs().mean() > 2, name
+    with Image.open(next((tmp_path / "c" / "upscaled" / "ship").iterdir())) as large:
+        assert large.size == (UPSCALED_SIZE, UPSCALED_SIZE)
+    again = tmp_path / "again"
+    write_corrupted_folders(data, CLASSES, again, seed=0)  # the same command writes the same pixels
+    noisy = next((tmp_path / "c" / "shot_noise" / "ship").iterdir())
+    assert noisy.read_bytes() == (again / "shot_noise" / "ship" / noisy.name).read_bytes()
+
+
+def test_corruptions_cli_evaluates_each_folder_like_evaluate(tmp_path, tiny_checkpoint):
+    report = tmp_path / "report" / "corruptions"
+    result = run_cli(PYTHON, "-m", "training.corruptions", "--checkpoint", str(tiny_checkpoint), "--out",
+                     str(tmp_path / "c"), "--evaluate", str(tiny_checkpoint), "--report", str(report))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    accuracy = json.loads(result.stdout.strip().splitlines()[-1])[str(tiny_checkpoint)]
+    validation = run_cli(PYTHON, "-m", "training.evaluate", "--checkpoint", str(tiny_checkpoint), "--validation",
+                         "--report-dir", str(tmp_path / "val"))  # fmt: skip
+    assert accuracy["clean"] == json.loads(validation.stdout.strip().splitlines()[-1])["accuracy"]
+    blur = run_cli(PYTHON, "-m", "training.evaluate", "--checkpoint", str(tiny_checkpoint), "--data",
+                   str(tmp_path / "c" / "blur"), "--report-dir", str(tmp_path / "blur"))  # fmt: skip
+    assert accuracy["blur"] == json.loads(blur.stdout.strip().splitlines()[-1])["accuracy"]
+    mean = sum(accuracy[name] for name in CORRUPTIONS) / len(CORRUPTIONS)
+    assert accuracy["mean_corrupted"] == pytest.approx(mean, abs=1e-5)
+    table = report.with_suffix(".md").read_text()
+    assert all(f"| {name} |" in table for name in ["clean", *CORRUPTIONS]) and "mean over corruptions" in table
+    assert json.loads(report.with_suffix(".json").read_text())["n"] == 18
 
 
 def test_sigterm_stops_training_with_the_best_epoch_on_disk(tmp_path, image_folder):

@@ -5,8 +5,15 @@
 Presets (the device picks gpu or cpu unless --preset says otherwise):
 
 - ``gpu``: 32x32-stem ResNet18, bf16 autocast, channels_last, data and augmentation on the GPU,
-  200 epochs (72-95 s on one H200). ``gpu-fast``: the same, as many epochs as fit in 20 s.
-- ``cpu``: the stride-2-stem variant, sized to finish in about 12 minutes on 2 cores.
+  200 epochs. ``gpu-fast``: the same schedule stretched over a 20 s budget.
+- ``cpu``: the stride-2-stem variant, channels_last, bf16 autocast only where the CPU computes it natively,
+  the first half at 24x24 input (progressive resizing), over a 14.5-minute budget.
+
+A time budget runs from start to calibrated checkpoint: the one-cycle schedule (learning rate, momentum,
+input size) is a function of the fraction of the budget used, so training ends when the budget does, on
+any machine, however busy. ``--steps N`` replays a budgeted run's schedule without the clock;
+``--budget-clock cpu --threads 1`` measures a budget in CPU time, i.e. as on an otherwise idle machine.
+docs/training.md has the recipe, the budget table and the robustness figures.
 
 Every epoch logs train/validation loss and accuracy, learning rate, time and images/s, to stdout
 and as JSON lines (``<out>.log.jsonl``) with a training-curve plot (``<out>.curves.png``). The best
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import signal
 import sys
@@ -34,8 +42,14 @@ from tqdm import tqdm
 
 from cifar3.checkpoint import ModelMeta, save_checkpoint
 from cifar3.classes import DEFAULT_CLASSES, parse_classes
-from cifar3.inference import fit_temperature, memory_format, predict_logits
-from cifar3.model import VARIANTS, build_model
+from cifar3.inference import fit_temperature, native_bfloat16, predict_logits
+from cifar3.model import (
+    IMAGENET_WEIGHTS,
+    VARIANTS,
+    PretrainedWeightsError,
+    build_model,
+    load_imagenet_weights,
+)
 from cifar3.preprocessing import CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE, normalize
 from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, limit_per_class, load_split, stratified_split
 
@@ -43,30 +57,35 @@ from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, limit_per_class
 @dataclass
 class Recipe:
     variant: str
-    epochs: int
+    epochs: int  # length of the schedule when there is no time budget
     batch_size: int
     lr: float  # peak learning rate of the one-cycle schedule
     weight_decay: float
     label_smoothing: float
     crop_padding: int  # pixels of random translation (reflect-padded crop)
     cutout: int  # side of the zeroed square, pixels; 0 = off
-    warmup: float  # fraction of steps spent ramping up to lr
-    time_budget_min: float | None = None  # wall-clock budget: train as many epochs (<= epochs) as fit
+    warmup: float  # fraction of training spent ramping up to lr
+    time_budget_min: float | None = None  # budget from start to calibrated checkpoint; the schedule fills it
+    low_res: int = 0  # progressive resizing: input side in pixels for the first part of training; 0 = off
+    low_res_until: float = 0.0  # ... until this fraction of training (steps, or of a budget's time)
+    bf16: bool = True  # bf16 autocast where the device computes it natively (a GPU; a CPU with AVX512-BF16/AMX)
 
 
-# Hyperparameters of the recipes; the README's "Measured results" says what each reached, where.
-# One H200: 98.3-98.4% validation in 72-95 s (200 epochs at ~33-47k img/s); 100 epochs gave 97.9%.
+# Hyperparameters of the recipes; docs/training.md says what each reached, where.
 GPU_RECIPE = Recipe("resnet18_cifar", epochs=200, batch_size=512, lr=0.4, weight_decay=5e-4,
                     label_smoothing=0.1, crop_padding=4, cutout=12, warmup=0.25)  # fmt: skip
 PRESETS = {
     "gpu": GPU_RECIPE,
-    # The same recipe, as many epochs as fit in 20 s of wall time (data loading and calibration included):
-    # 22-47 epochs and 96.1-96.9% validation on one H200.
+    # The same recipe over 20 s of wall time, data loading and calibration included.
     "gpu-fast": replace(GPU_RECIPE, epochs=100, time_budget_min=20 / 60),
-    # 2-core CPU: the stride-2 stem (4x cheaper) and a 14-minute budget; ~8 epochs fit at 146 img/s.
-    "cpu": Recipe("resnet18_fast", epochs=10, batch_size=128, lr=0.2, weight_decay=5e-4,
-                  label_smoothing=0.1, crop_padding=4, cutout=0, warmup=0.25, time_budget_min=14.0),
+    # 2 CPU cores: the stride-2 stem (4x cheaper than the 32x32 one); the first half of the budget at 24x24
+    # input, which trains ~1.5x the images per second of 32x32 on an AVX2 CPU; 14.5 minutes to the calibrated
+    # checkpoint, so that with interpreter start-up the whole command stays within 15.
+    "cpu": Recipe("resnet18_fast", epochs=8, batch_size=128, lr=0.2, weight_decay=5e-4,
+                  label_smoothing=0.1, crop_padding=4, cutout=0, warmup=0.25, time_budget_min=14.5,
+                  low_res=24, low_res_until=0.5),
 }  # fmt: skip
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,10 +117,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=list(VARIANTS), help="override the preset's model variant")
     p.add_argument("--epochs", type=int, help="override the preset's epoch count (and its time budget)")
     p.add_argument(
+        "--steps",
+        type=int,
+        help="train exactly this many optimizer steps, no time budget (a budgeted run records its steps: "
+        "this replays its schedule without the clock)",
+    )
+    p.add_argument(
         "--time-budget",
         type=float,
         metavar="MINUTES",
-        help="train as many epochs as fit in this wall time (cpu preset: 14, gpu-fast: 1/3; 0 = no budget)",
+        help="minutes from start to calibrated checkpoint; the schedule is stretched over them and training "
+        "stops when they are used (cpu preset: 14.5, gpu-fast: 1/3; 0 = no budget)",
+    )
+    p.add_argument(
+        "--budget-clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="what the time budget counts: wall time, or this process's CPU time (with --threads 1, what a "
+        "budget would buy on an otherwise idle machine, measured on a busy one)",
+    )
+    p.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="start from torchvision's ImageNet ResNet18 weights (every layer whose shape matches), cached "
+        "under TORCH_HOME",
     )
     p.add_argument("--batch-size", type=int, help="override the preset's batch size")
     p.add_argument("--lr", type=float, help="override the preset's peak learning rate")
@@ -110,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     return p
+
+
+def computes_bfloat16(device: torch.device) -> bool:
+    """Whether bf16 autocast pays here: the device computes bfloat16 natively, and on a CPU torch's kernels
+    are allowed AVX-512 (``ATEN_CPU_CAPABILITY=avx2``, as on an ordinary CPU, leaves bfloat16 emulated)."""
+    cpu_allows = device.type != "cpu" or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return cpu_allows and native_bfloat16(device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -169,12 +215,17 @@ def train_step(
     gen: torch.Generator,
     mean: torch.Tensor,
     std: torch.Tensor,
+    size: int,
+    bf16: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on a uint8 batch, augmented and normalized on its device, bf16 autocast on a
-    GPU: (loss, logits), both still on the device (reading them would wait for the GPU)."""
-    device = images.device
-    inputs = normalize(augment(images, recipe, gen), mean, std).contiguous(memory_format=memory_format(device))
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    """One optimizer step on a uint8 batch, augmented and normalized on its device, resized to ``size``
+    (antialiased: what a smaller photo of the same object looks like), channels_last, under bf16 autocast
+    if ``bf16``: (loss, logits), both still on the device (reading them would wait for a GPU)."""
+    inputs = normalize(augment(images, recipe, gen), mean, std)
+    if size != inputs.shape[-1]:
+        inputs = nn.functional.interpolate(inputs, size=(size, size), mode="bilinear", antialias=True)
+    inputs = inputs.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
         outputs = model(inputs)
         loss = criterion(outputs.float(), targets)
     optimizer.zero_grad(set_to_none=True)
@@ -183,39 +234,49 @@ def train_step(
     return loss.detach(), outputs.detach()
 
 
-def probe_epoch_seconds(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, mean, std, val: Dataset
-) -> float:
-    """Seconds one epoch (training + validation) will take here, timed on a throwaway copy of the model."""
-    probe = copy.deepcopy(model).train()
-    optimizer = build_optimizer(probe, recipe)  # the same update as in training
-    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    gen = torch.Generator(images.device).manual_seed(0)
-    batch = min(recipe.batch_size, len(images))
+def one_cycle(progress: float, recipe: Recipe) -> tuple[float, float]:
+    """(learning rate, momentum) at ``progress`` (0..1): the shape of torch's OneCycleLR (cosine from lr/25
+    up to lr over the warm-up fraction, then cosine down to lr/25e4; momentum mirrored 0.95 -> 0.85 -> 0.95),
+    as a function of progress instead of a step count fixed in advance, so a time budget can drive it."""
 
-    def step() -> None:
-        train_step(probe, optimizer, criterion, images[:batch], labels[:batch], recipe, gen, mean, std)
+    def cosine(start: float, end: float, t: float) -> float:
+        return end + (start - end) / 2 * (math.cos(math.pi * min(max(t, 0.0), 1.0)) + 1)
 
-    def sync() -> None:
-        if images.device.type == "cuda":
-            torch.cuda.synchronize()
+    lowest, highest = recipe.lr / 25, recipe.lr
+    if progress < recipe.warmup:
+        t = progress / recipe.warmup
+        return cosine(lowest, highest, t), cosine(0.95, 0.85, t)
+    t = (progress - recipe.warmup) / (1 - recipe.warmup)
+    return cosine(highest, lowest / 1e4, t), cosine(0.85, 0.95, t)
 
-    step()  # warm-up: allocator, kernels (and cuDNN's algorithm search on a GPU)
-    sync()
-    start, steps = time.perf_counter(), 0
-    while steps < 3 or time.perf_counter() - start < 0.5:  # a GPU step is milliseconds: time enough of them
-        step()
-        steps += 1
-        if steps % 4 == 0:
-            sync()
-    sync()
-    per_image = (time.perf_counter() - start) / (steps * batch)
-    evaluate_split(probe, val, mean, std, 0.0)  # warm-up: the validation batch shapes
-    start = time.perf_counter()
-    evaluate_split(probe, val, mean, std, 0.0)
-    validation = time.perf_counter() - start
-    # + 10%: per-epoch logging and syncs, the odd save, and a GPU's rate varying by ~10% epoch to epoch
-    return 1.10 * (per_image * len(images) + validation)
+
+class Progress:
+    """How far training is, 0..1; the learning rate, momentum and input size are functions of it.
+
+    With a step count: steps done / steps. With a time budget: time since training began / time until the
+    budget's end less a reserve for the final validation, calibration and save. A slower or busier machine
+    therefore trains fewer steps on the same schedule, and every budget is used to its end (no whole epoch
+    left over because it would not fit)."""
+
+    def __init__(self, steps: int | None = None, budget_end: float | None = None, clock=time.perf_counter):
+        self.steps, self.budget_end, self.clock = steps, budget_end, clock
+        self.step = 0
+        self.begin = clock()
+        self.reserve = 0.0 if budget_end is None else 0.03 * (budget_end - self.begin)  # until measured
+
+    def reserve_for(self, validation_s: float) -> None:
+        """The end of a budgeted run: one more validation, the calibration's, and a save (a second or two)."""
+        self.reserve = 2 * validation_s + 2.0
+
+    def __call__(self) -> float:
+        if self.budget_end is None:
+            return self.step / self.steps
+        return (self.clock() - self.begin) / max(1e-9, self.budget_end - self.reserve - self.begin)
+
+    @property
+    def done(self) -> bool:
+        """Progress 1 reached, after at least one step (a budget spent on loading data still trains once)."""
+        return self.step > 0 and self() >= 1.0
 
 
 class BestSnapshot:
@@ -251,28 +312,24 @@ class BestSnapshot:
         return True
 
 
-def plan_epochs(budget_s: float, elapsed_s: float, per_epoch_s: float, cap: int) -> int:
-    """Epochs that fit in what is left of a wall-time budget, keeping 10% of it (at most 20 s) for the
-    calibration and the last save; at least 1, at most ``cap`` (the preset's epochs)."""
-    reserve = min(20.0, 0.1 * budget_s)
-    return max(1, min(cap, int((budget_s - elapsed_s - reserve) / per_epoch_s)))
-
-
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    progress: Progress,
     images: torch.Tensor,
     labels: torch.Tensor,
     recipe: Recipe,
     gen: torch.Generator,
     mean: torch.Tensor,
     std: torch.Tensor,
+    bf16: bool,
     desc: str,
 ) -> tuple[float, float, int]:
     """One pass over the shuffled training images (the last partial batch dropped), augmented on their
-    device: (mean loss, accuracy, images seen). Nothing in the loop waits for a GPU: losses and hits
-    are summed on the device and read once at the end."""
+    device, stopping early when ``progress`` reaches 1: (mean loss, accuracy, images seen). Each step first
+    sets the learning rate, momentum and input size for the current progress. Nothing in the loop waits for a
+    GPU except every 10th step on a time budget (so that the clock measures work done, not work queued):
+    losses and hits are summed on the device and read once at the end."""
     device = images.device
     model.train()
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
@@ -282,16 +339,27 @@ def train_epoch(
     seen = 0
     steps = max(1, len(images) // recipe.batch_size)
     for step in tqdm(range(steps), desc=desc, unit="batch", disable=None, leave=False):
+        if device.type == "cuda" and progress.budget_end is not None and step % 10 == 0:
+            torch.cuda.synchronize()
+        if progress.done:
+            break
+        done = min(1.0, progress())
+        lr, momentum = one_cycle(done, recipe)
+        for group in optimizer.param_groups:
+            group["lr"], group["momentum"] = lr, momentum
+        size = recipe.low_res if recipe.low_res and done < recipe.low_res_until else IMAGE_SIZE
         idx = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
         targets = labels[idx]
-        loss, outputs = train_step(model, optimizer, criterion, images[idx], targets, recipe, gen, mean, std)
-        scheduler.step()
+        loss, outputs = train_step(
+            model, optimizer, criterion, images[idx], targets, recipe, gen, mean, std, size, bf16
+        )
+        progress.step += 1
         loss_sum += loss * len(idx)
         correct += (outputs.argmax(1) == targets).sum()
         seen += len(idx)
     if device.type == "cuda":
         torch.cuda.synchronize()  # the steps above were only queued
-    return loss_sum.item() / seen, correct.item() / seen, seen
+    return loss_sum.item() / max(1, seen), correct.item() / max(1, seen), seen
 
 
 def evaluate_split(
@@ -343,10 +411,12 @@ def train(args: argparse.Namespace) -> dict:
     preset = args.preset if args.preset != "auto" else ("gpu" if device.type == "cuda" else "cpu")
     overrides = {"variant": args.variant, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
     recipe = Recipe(**{**asdict(PRESETS[preset]), **{k: v for k, v in overrides.items() if v is not None}})
-    if args.epochs is not None:
-        recipe.time_budget_min = None  # explicit epochs win
+    if args.epochs is not None or args.steps is not None:
+        recipe.time_budget_min = None  # an explicit length wins
     if args.time_budget is not None:
         recipe.time_budget_min = args.time_budget or None
+    if args.steps is not None and args.steps < 1:
+        raise ValueError("--steps must be at least 1")
     classes = parse_classes(args.classes)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -355,6 +425,8 @@ def train(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one input shape throughout: pick the fastest kernels once
     started = time.perf_counter()
+    clock = CLOCKS[args.budget_clock]
+    budget_end = clock() + recipe.time_budget_min * 60 if recipe.time_budget_min else None
 
     data = limit_per_class(load_split(args.data, classes, "train", args.data_root), args.limit, args.seed)
     train_set, val_set = stratified_split(data, args.val_fraction, args.seed)
@@ -368,20 +440,22 @@ def train(args: argparse.Namespace) -> dict:
     mean, std = list(CIFAR10_MEAN), list(CIFAR10_STD)
     mean_t, std_t = torch.tensor(mean, device=device), torch.tensor(std, device=device)  # copied once, not per step
 
-    model = build_model(recipe.variant, len(classes)).to(device, memory_format=memory_format(device))
+    model = build_model(recipe.variant, len(classes))
+    if args.pretrained:
+        loaded, skipped = load_imagenet_weights(model)
+        print(f"--pretrained: {len(loaded)} ImageNet tensors loaded; freshly initialised: {', '.join(skipped)}")
+    model = model.to(device, memory_format=torch.channels_last)  # 10-25% faster training on CPU and GPU
     optimizer = build_optimizer(model, recipe)
+    bf16 = recipe.bf16 and computes_bfloat16(device)
     steps_per_epoch = max(1, len(train_set) // recipe.batch_size)  # drop the last partial batch
-    if recipe.time_budget_min:
-        budget = recipe.time_budget_min * 60
-        per_epoch = probe_epoch_seconds(model, train_images, train_labels, recipe, mean_t, std_t, val_set)
-        recipe.epochs = plan_epochs(budget, time.perf_counter() - started, per_epoch, recipe.epochs)
-        print(
-            f"time budget {budget:.0f} s: ~{per_epoch:.2f}s per epoch measured, training {recipe.epochs} epochs",
-            flush=True,
-        )
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(  # needs a few steps per phase: pad tiny runs
-        optimizer, max_lr=recipe.lr, total_steps=max(8, recipe.epochs * steps_per_epoch), pct_start=recipe.warmup
-    )
+    if budget_end is not None:
+        progress = Progress(budget_end=budget_end, clock=clock)
+        planned = f"as many steps as fit in a {recipe.time_budget_min * 60:.0f} s budget ({args.budget_clock} clock)"
+    else:
+        progress = Progress(steps=args.steps or recipe.epochs * steps_per_epoch)
+        recipe.epochs = math.ceil(progress.steps / steps_per_epoch)
+        planned = f"{progress.steps} steps ({recipe.epochs} epochs)"
+    print(f"training {planned}; {'bf16 autocast' if bf16 else 'float32'}", flush=True)
 
     meta = ModelMeta(
         variant=recipe.variant,
@@ -399,6 +473,9 @@ def train(args: argparse.Namespace) -> dict:
             "device": str(device),
             "torch": str(torch.__version__),
             "train_images": len(train_set),
+            "bf16": bf16,
+            "budget_clock": args.budget_clock,
+            "pretrained": IMAGENET_WEIGHTS.name if args.pretrained else None,
         },
     )
     log_path, plot_path = args.out.with_suffix(".log.jsonl"), args.out.with_suffix(".curves.png")
@@ -407,30 +484,31 @@ def train(args: argparse.Namespace) -> dict:
     history: list[dict] = []
     best_acc = -1.0
     best = BestSnapshot(args.out)
+    epoch = 0
     try:
-        for epoch in range(1, recipe.epochs + 1):
+        while not progress.done:
+            epoch += 1
             epoch_start = time.perf_counter()
             train_loss, train_acc, seen = train_epoch(
-                model,
-                optimizer,
-                scheduler,
-                train_images,
-                train_labels,
-                recipe,
-                gen,
-                mean_t,
-                std_t,
-                f"epoch {epoch}/{recipe.epochs}",
-            )
+                model, optimizer, progress, train_images, train_labels, recipe, gen, mean_t, std_t, bf16,
+                f"epoch {epoch}",
+            )  # fmt: skip
+            if not seen:  # the budget ran out between the check above and the first step
+                epoch -= 1
+                break
             train_time = time.perf_counter() - epoch_start
+            validation_start = clock()  # the budget's clock: wall time, or CPU time on a busy machine
             val_loss, val_acc, _ = evaluate_split(model, val_set, mean, std, recipe.label_smoothing)
+            if epoch == 1:
+                progress.reserve_for(clock() - validation_start)
             record = {
                 "epoch": epoch,
+                "steps": progress.step,
                 "train_loss": round(train_loss, 5),
                 "train_acc": round(train_acc, 5),
                 "val_loss": round(val_loss, 5),
                 "val_acc": round(val_acc, 5),
-                "lr": round(scheduler.get_last_lr()[0], 6),
+                "lr": round(optimizer.param_groups[0]["lr"], 6),
                 "epoch_time_s": round(time.perf_counter() - epoch_start, 2),
                 "images_per_s": round(seen / train_time, 1),
                 "best": val_acc > best_acc,
@@ -438,18 +516,20 @@ def train(args: argparse.Namespace) -> dict:
             if val_acc > best_acc:
                 best_acc = val_acc
                 meta.val_accuracy, meta.epoch = round(val_acc, 5), epoch
+                meta.train_config["steps"] = progress.step
                 meta.created = datetime.now(UTC).isoformat(timespec="seconds")
                 best.keep(model, meta)
-            saved = best.save(force=epoch == recipe.epochs)
+            saved = best.save(force=progress.done)
             history.append(record)
             with log_path.open("a") as log:
                 log.write(json.dumps(record) + "\n")
+            label = f"/{recipe.epochs}" if budget_end is None else f" ({min(1.0, progress()):.0%} of the budget)"
             note = "  -> new best" if record["best"] else ""
             if saved:
                 note += " checkpoint saved" if record["best"] else f"  -> best so far (epoch {best.meta.epoch}) saved"
                 note += f" to {args.out}"
             print(
-                f"epoch {epoch:3d}/{recipe.epochs}  train loss {record['train_loss']:.4f} "
+                f"epoch {epoch:3d}{label}  train loss {record['train_loss']:.4f} "
                 f"acc {record['train_acc']:.4f}  val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f}  "
                 f"lr {record['lr']:.5f}  {record['epoch_time_s']:.1f}s  {record['images_per_s']:.0f} img/s{note}",
                 flush=True,
@@ -458,6 +538,7 @@ def train(args: argparse.Namespace) -> dict:
         best.save(force=True)  # the best epoch so far, if any, is on disk before we stop
         raise
 
+    best.save(force=True)
     # Calibrate the best epoch's model on the validation split; the handler divides logits by T.
     model.load_state_dict(best.state)
     meta = copy.deepcopy(best.meta)
@@ -479,7 +560,10 @@ def train(args: argparse.Namespace) -> dict:
         "checkpoint_ready_s": round(checkpoint_ready_s, 2),  # data loading to the calibrated checkpoint
         "log": str(log_path),
         "curves": str(plot_path),
-        "epochs": recipe.epochs,
+        "epochs": epoch,  # the last one may be partial on a time budget
+        "steps": progress.step,
+        "budget_clock": args.budget_clock,
+        "cpu_time_s": round(time.process_time(), 1),
         "machine": describe_machine(device),
         "torch": str(torch.__version__),
     }
@@ -497,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # `timeout`, `kill`, a job runner: stop like Ctrl-C does
     try:
         train(args)
-    except (DataError, ValueError) as exc:
+    except (DataError, ValueError, PretrainedWeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,113 @@
+"""Training throughput of the CPU recipe's options, in images per CPU-second of one thread.
+
+    python -m training.throughput --report reports/training/throughput
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m training.throughput --report ...
+
+Times full training steps (forward, backward, SGD update) of one batch on one thread and divides by the
+process's CPU time, not the wall clock: on a machine other people are using, CPU time still says what the
+step costs, and the ratios between options hold. Each run appends its rows (tagged with torch's CPU
+capability, so an emulated AVX2 run and a native one sit side by side) to ``REPORT.json`` and rewrites
+``REPORT.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cifar3.model import VARIANTS, build_model
+from training.train import computes_bfloat16, describe_machine
+
+# name -> (memory format, input side in pixels, bf16 autocast)
+OPTIONS = {
+    "float32, NCHW, 32x32": (torch.contiguous_format, 32, False),
+    "float32, channels_last, 32x32": (torch.channels_last, 32, False),
+    "float32, NCHW, 24x24": (torch.contiguous_format, 24, False),
+    "float32, channels_last, 24x24": (torch.channels_last, 24, False),
+    "bf16 autocast, channels_last, 32x32": (torch.channels_last, 32, True),
+    "bf16 autocast, channels_last, 24x24": (torch.channels_last, 24, True),
+}
+
+
+def images_per_cpu_second(variant: str, fmt, size: int, bf16: bool, batch: int, seconds: float) -> float:
+    torch.manual_seed(0)
+    model = build_model(variant, 3).to(memory_format=fmt).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    inputs = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
+    targets = torch.randint(0, 3, (batch,))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = nn.functional.cross_entropy(model(inputs).float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up: allocations, oneDNN primitives
+    start, steps = time.process_time(), 0
+    while time.process_time() - start < seconds:
+        step()
+        steps += 1
+    return steps * batch / (time.process_time() - start)
+
+
+def render(rows: list[dict]) -> str:
+    lines = [
+        "# Training throughput of the CPU recipe's options",
+        "",
+        "Images per CPU-second of one thread: full training steps (forward, backward, SGD update) at batch 128, "
+        "timed by `python -m training.throughput` on the process's CPU time (valid on a shared machine). "
+        "`AVX2` rows ran under `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`, an ordinary CPU's kernels.",
+        "",
+        "| variant | CPU kernels | option | images / CPU-s | vs float32 NCHW 32x32 | machine | date |",
+        "|---|---|---|---:|---:|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['variant']} | {row['capability']} | {row['option']} | {row['images_per_cpu_s']:.0f} "
+            f"| {row['relative']:.2f}x | {row['machine']} | {row['date']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.throughput", description=__doc__.split("\n\n")[0])
+    p.add_argument("--variant", choices=list(VARIANTS), default="resnet18_fast")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seconds", type=float, default=5.0, help="CPU-seconds timed per option")
+    p.add_argument("--report", type=Path, help="append to REPORT.json and rewrite REPORT.md")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    capability = torch.backends.cpu.get_cpu_capability()
+    bf16_native = computes_bfloat16(torch.device("cpu"))
+    machine, date = describe_machine(torch.device("cpu")), f"{datetime.now(UTC):%Y-%m-%d}"
+    rows: list[dict] = []
+    for option, (fmt, size, bf16) in OPTIONS.items():
+        if bf16 and not bf16_native:
+            continue  # emulated bfloat16 is slower than float32: the recipe never uses it there
+        rate = images_per_cpu_second(args.variant, fmt, size, bf16, args.batch_size, args.seconds)
+        rows.append({"variant": args.variant, "capability": capability, "option": option,
+                     "images_per_cpu_s": round(rate, 1), "machine": machine, "date": date})  # fmt: skip
+        print(f"{capability} {option}: {rate:.0f} images per CPU-second", flush=True)
+    for row in rows:
+        row["relative"] = round(row["images_per_cpu_s"] / rows[0]["images_per_cpu_s"], 3)
+    if args.report:
+        path = args.report.with_suffix(".json")
+        kept = json.loads(path.read_text())["rows"] if path.is_file() else []
+        kept = [r for r in kept if (r["variant"], r["capability"]) != (args.variant, capability)] + rows
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"rows": kept}, indent=2) + "\n")
+        args.report.with_suffix(".md").write_text(render(kept))
+    print(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
