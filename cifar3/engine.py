@@ -51,11 +51,12 @@ def choose_engine(requested: str, device: torch.device, dtype: str = "auto") -> 
     """The engine and dtype that ``requested`` means on ``device``; ``dtype`` applies to the torch engine.
 
     ``auto``: PyTorch on a GPU (bfloat16 where it computes it natively). On a CPU, PyTorch bfloat16 where the
-    CPU computes bfloat16 natively (AVX512-BF16 or AMX): there oneDNN's bfloat16 convolutions out-ran ONNX
-    Runtime float32 at the batch sizes a loaded server runs (docs/performance.md, reports/benchmark.md);
-    everywhere else (AVX2, AVX-512 without BF16) ONNX Runtime float32, which ran batch 1 about 3x and batched
-    inference 1.3-2x faster than PyTorch float32 there. Hardware decides, not what is installed: where the
-    chosen engine cannot run, ``load_engine`` says so and falls back.
+    CPU computes bfloat16 natively (AVX512-BF16 or AMX): there, one single-threaded process per core (the
+    served layout) ran more images/s in bfloat16 than in ONNX Runtime float32 (reports/benchmark.md), though
+    ONNX Runtime answers a lone image faster. Everywhere else (AVX2, AVX-512 without BF16) ONNX Runtime
+    float32, which ran batch 1 2-3x and batches of 8-64 1.5-2.5x faster than PyTorch float32 with AVX2
+    kernels (reports/benchmark-avx2.md), while bfloat16 is emulated there. Hardware decides, not what is
+    installed: where the chosen engine cannot run, ``load_engine`` says so and falls back.
     """
     if requested not in ENGINES:
         raise ValueError(f"unknown engine {requested!r}; choose one of {', '.join(ENGINES)}")
