@@ -388,7 +388,7 @@ def test_real_server_key_rotation_is_followed(server):
     client = Cifar3Client(Config(server.inference_url, server.management_url, str(server.key_file)))
     ship = encode(sample_image("ship"), "PNG")
     assert client.predict(ship).pred_class
-    old = client._credentials("inference")[0]
+    old = client._credentials("inference", server.inference_url)[0]
     api_key = json.loads(server.key_file.read_text())["API"]["key"]
     rotated = requests.post(
         f"{server.management_url}/token?type=inference", timeout=10, headers={"Authorization": f"Bearer {api_key}"}
@@ -396,7 +396,7 @@ def test_real_server_key_rotation_is_followed(server):
     assert rotated.ok, rotated.text
     assert server.token("inference") != old
     assert client.predict(ship).pred_class  # rejected once, key file re-read, retried
-    assert client._credentials("inference")[0] == server.token("inference")
+    assert client._credentials("inference", server.inference_url)[0] == server.token("inference")
 
 
 def test_the_ui_never_imports_torch():

@@ -173,7 +173,7 @@ def transient_retry(attempts: int = 1, after_no_answer: bool = False) -> Retry:
     return Retry(
         total=attempts,
         connect=attempts,
-        read=attempts if after_no_answer else 0,
+        read=attempts if after_no_answer else False,  # False: a read timeout stays a timeout, not retried
         status=attempts,
         status_forcelist=TRANSIENT_STATUSES,
         allowed_methods=frozenset({"GET", "POST"}),
