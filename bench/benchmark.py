@@ -583,7 +583,17 @@ def markdown(report: dict) -> str:
         f"| {p['max_probability_difference']:g} |"
         for name, p in report["parity"].items()
     ]
-    lines += ["", "GPU: not measured (no GPU on this machine).", ""]
+    load = report["load_average_at_start"]
+    lines += [
+        "",
+        "Machine load (1-minute load average) as each phase began: "
+        + ", ".join(f"{phase} {value}" for phase, value in load.items())
+        + f". Above {m['cores']} (the cores), other processes competed for the cores during the run, and"
+        " ratios between phases measured under different loads do not hold.",
+        "",
+        "GPU: not measured (no GPU on this machine).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -641,13 +651,17 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, "-m", "cifar3.export", str(args.checkpoint), str(onnx), *verify_on], check=True, cwd=ROOT
         )
         print(f"in-process: {args.checkpoint} ...", flush=True)
+        load_average = {"in-process": os.getloadavg()[0]}
         inproc = in_process(args.checkpoint, onnx, images, args.threads, args.in_process_seconds, args.quick)
         print("parity on the validation split ...", flush=True)
+        load_average["parity"] = os.getloadavg()[0]
         agreement = parity(args.checkpoint, 1)
+        load_average["served"] = os.getloadavg()[0]
         print(json.dumps(agreement), flush=True)
         served = serve_torchserve(args.checkpoint, args.model_config, images, levels, args.seconds)
         peers = {}
         if not args.no_peers:
+            load_average["peers"] = os.getloadavg()[0]
             as_json = [json.dumps({"data": base64.b64encode(b).decode()}).encode() for b in images]
             python = [sys.executable, "-m"]
             peers["litserve"] = serve_peer(
@@ -695,6 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         "variant": load_checkpoint(args.checkpoint)[1].variant,
         "in_process": inproc,
         "parity": agreement,
+        "load_average_at_start": {phase: round(value, 2) for phase, value in load_average.items()},
         "served": served,
         "peers": peers,
     }

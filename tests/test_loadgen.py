@@ -146,6 +146,7 @@ def test_benchmark_quick_run_writes_its_report(tiny_checkpoint, tmp_path):
     ort, float32 = report["parity"]["onnxruntime float32"], report["parity"]["torch float32"]
     assert ort["agreement"] == 1.0 and ort["max_probability_difference"] <= 1e-4 and ort["n"] == float32["n"] > 0
     assert any(c["check"].startswith("served c=1 p50") for c in report["checks"])
+    assert set(report["load_average_at_start"]) == {"in-process", "parity", "served", "peers"}
     markdown = (out / "benchmark.md").read_text()
     assert "| onnxruntime | float32 | 1 |" in markdown and "LitServe" in markdown and "not measured" in markdown
 
