@@ -1,8 +1,8 @@
 """TorchServe handler for cifar3: image bytes in, {"pred_class", "probs"} out, per request of a batch.
 
-A thin adapter. The model, its preprocessing and the calibrated probabilities come from the
-``training`` modules that scripts/archive.sh packs into the .mar beside this file; every constant
-(classes, image size, mean/std, temperature) is read from the checkpoint's metadata.
+A thin adapter. The model, its preprocessing, the inference engine and the calibrated probabilities come
+from the serving core (the ``cifar3`` package) that scripts/archive.sh packs into the .mar beside this file;
+every constant (classes, image size, mean/std, temperature) is read from the checkpoint's metadata.
 
 Accepted request forms: a raw body (``curl -T img.jpg`` / ``--data-binary @img.jpg``), a multipart
 form field ``data`` or ``file``, or a JSON body ``{"data": "<base64 image>"}``. A request that is not
@@ -78,6 +78,20 @@ def request_image_bytes(request: dict, content_type: str = "") -> bytes:
     )
 
 
+def explain_target(request: dict, classes: list[str]) -> int | None:
+    """The index of the class a request asks to explain (None: the predicted one), or ValueError."""
+    body = next((request[f] for f in INPUT_FIELDS if isinstance(request.get(f), dict)), {})
+    value = body.get(TARGET_FIELD, request.get(TARGET_FIELD))
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("utf-8", "replace")
+    name = str(value).strip()
+    if name not in classes:
+        raise ValueError(f"unknown target class {name[:100]!r}: choose one of {', '.join(classes)}")
+    return classes.index(name)
+
+
 # TorchServe's KServe envelopes (TS_SERVICE_ENVELOPE, which KServe's TorchServe runtime sets): the handler
 # gets the v1 "instances" or the v2 "inputs" of one request instead of TorchServe's requests.
 KSERVE_ENVELOPES = ("kserve", "kservev2")
@@ -104,20 +118,6 @@ def envelope_image_bytes(item, envelope: str) -> bytes:
         return base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise ImageDecodeError("malformed base64 image data") from None
-
-
-def explain_target(request: dict, classes: list[str]) -> int | None:
-    """The index of the class a request asks to explain (None: the predicted one), or ValueError."""
-    body = next((request[f] for f in INPUT_FIELDS if isinstance(request.get(f), dict)), {})
-    value = body.get(TARGET_FIELD, request.get(TARGET_FIELD))
-    if value is None:
-        return None
-    if isinstance(value, (bytes, bytearray)):
-        value = bytes(value).decode("utf-8", "replace")
-    name = str(value).strip()
-    if name not in classes:
-        raise ValueError(f"unknown target class {name[:100]!r}: choose one of {', '.join(classes)}")
-    return classes.index(name)
 
 
 def error_body(message: str, code: int = 400) -> str:

@@ -209,9 +209,9 @@ def test_inference_services_serve_the_layout(crd_schema):
 
 
 def worker_threads() -> int:
-    """Intra-op threads per TorchServe worker, from handler/model-config.yaml (the key was torch_threads)."""
+    """Intra-op threads per TorchServe worker, from handler/model-config.yaml."""
     handler = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["handler"]
-    return int(handler["threads"] if "threads" in handler else handler["torch_threads"])
+    return int(handler["threads"])
 
 
 # --- the plain Kubernetes deployment ----------------------------------------------------------------

@@ -151,7 +151,7 @@ def torchserve_requests(draw) -> tuple[dict, str]:
 
 def make_context(model_dir: Path, headers: list[dict]) -> Context:
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
-    config = {"handler": {"torch_threads": 1, "max_image_pixels": MAX_PIXELS}}
+    config = {"handler": {"threads": 1, "max_image_pixels": MAX_PIXELS}}
     context = Context("cifar3", str(model_dir), manifest, 16, None, "0.12.0",
                       metrics=MetricsCacheYamlImpl(str(TS_METRICS)), model_yaml_config=config)  # fmt: skip
     context.request_processor = [RequestProcessor(h) for h in headers]
