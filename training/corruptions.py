@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT, help="download cache for cifar10")
     p.add_argument("--evaluate", type=Path, nargs="+", metavar="CHECKPOINT", help="evaluate these on every folder")
     p.add_argument("--report", type=Path, help="with --evaluate: write REPORT.md and REPORT.json")
+    p.add_argument("--reuse", action="store_true", help="evaluate the folders an earlier run wrote to OUT")
     return p
 
 
@@ -182,8 +183,14 @@ def main(argv: list[str] | None = None) -> int:
             classes = parse_classes(args.classes)
             _, data = stratified_split(load_split(args.data, classes, "train", args.data_root),
                                        args.val_fraction, args.seed)  # fmt: skip
-        names = write_corrupted_folders(data, classes, args.out, args.seed)
-        print(f"wrote {len(names)} folders of {len(data)} images each to {args.out}: {', '.join(names)}")
+        if args.reuse:
+            names = ["clean", *CORRUPTIONS]
+            missing = [name for name in names if not (args.out / name).is_dir()]
+            if missing:
+                raise DataError(f"--reuse: {args.out} has no folder {', '.join(missing)}; run without --reuse")
+        else:
+            names = write_corrupted_folders(data, classes, args.out, args.seed)
+            print(f"wrote {len(names)} folders of {len(data)} images each to {args.out}: {', '.join(names)}")
         if not args.evaluate:
             return 0
         results = {}
