@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, help="override the preset's batch size")
     p.add_argument("--lr", type=float, help="override the preset's peak learning rate")
+    p.add_argument(
+        "--low-res",
+        type=int,
+        metavar="PIXELS",
+        help="override the preset's progressive resizing: input side for the first part of training (0 = off)",
+    )
     p.add_argument("--limit", type=int, help="use at most N training images per class (quick runs)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="stratified validation split")
     p.add_argument("--seed", type=int, default=0)
@@ -409,7 +415,8 @@ def plot_curves(history: list[dict], path: Path) -> None:
 def train(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     preset = args.preset if args.preset != "auto" else ("gpu" if device.type == "cuda" else "cpu")
-    overrides = {"variant": args.variant, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
+    overrides = {"variant": args.variant, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                 "low_res": args.low_res}  # fmt: skip
     recipe = Recipe(**{**asdict(PRESETS[preset]), **{k: v for k, v in overrides.items() if v is not None}})
     if args.epochs is not None or args.steps is not None:
         recipe.time_budget_min = None  # an explicit length wins
