@@ -34,10 +34,10 @@ from PIL import Image, ImageDraw
 
 from cifar3.checkpoint import load_checkpoint
 from cifar3.explain import GradCam, default_layer
+from cifar3.hardware import describe_cpu
 from cifar3.inference import calibrated_probs
 from cifar3.preprocessing import normalize
 from training.evaluate import validation_split
-from training.train import describe_machine
 from ui.client import overlay_heatmap
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,11 +50,8 @@ STAGES_COMPARED = ("layer2", "layer3", "layer4")
 
 
 def machine() -> str:
-    flags = Path("/proc/cpuinfo").read_text()
-    features = [name for name, flag in (("AVX-512", "avx512f"), ("AVX512-BF16", "avx512_bf16"), ("AMX", "amx_tile"))
-                if f" {flag}" in flags]  # fmt: skip
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{describe_machine(torch.device('cpu'))} ({', '.join(features) or 'no AVX-512'}); {gpu}"
+    return f"{describe_cpu()}; {gpu}"
 
 
 def remove(batch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,8 @@ def evaluation(reports: Path) -> str:
             f"#### `{where}`: {metrics.get('variant', '?')}, {metrics.get('dtype', '?')}",
             "",
             f"Accuracy **{metrics['accuracy']:.2%}** on {metrics['n']} images of `{metrics.get('data', '?')}`, "
-            f"expected calibration error {metrics['ece']:.4f} (temperature {metrics['temperature']}).",
+            f"expected calibration error {metrics['ece']:.4f} (temperature {metrics['temperature']}); "
+            f"engine {metrics.get('engine', 'torch')}, {metrics.get('machine', '?')}, {metrics.get('date', '?')}.",
             "",
             "| class | precision | recall | F1 | support |",
             "|---|---:|---:|---:|---:|",

@@ -29,6 +29,15 @@ def cpu_flags() -> list[str]:
     return [flag for flag in ISA_FLAGS if flag in flags]
 
 
+def describe_machine(device) -> str:
+    """The GPU's name for a CUDA device, else describe_cpu(): what computed a report's figures."""
+    if getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    return describe_cpu()
+
+
 def describe_cpu() -> str:
     """'AMD EPYC 9B14, 2 cores (avx2, avx512f, avx512_bf16)': the machine line of every CPU report."""
     flags = cpu_flags()

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.report:
-        from training.train import describe_machine
+        from cifar3.hardware import describe_machine
 
         machine = describe_machine(torch.device("cpu"))
         args.report.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import argparse
 import csv
 import json
 import sys
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 
 from cifar3.checkpoint import CheckpointError, ModelMeta
 from cifar3.engine import ENGINES, Engine, load_engine, predict_probs
+from cifar3.hardware import describe_machine
 from cifar3.inference import DTYPES
 from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, limit_per_class, load_split, stratified_split
 
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics, probs = evaluate(engine, meta, data.images, data.labels)
     metrics["data"] = data.source
     metrics |= engine.describe()  # engine, dtype, threads, device: what produced these figures
+    metrics |= {"machine": describe_machine(engine.device), "date": date.today().isoformat()}
     args.report_dir.mkdir(parents=True, exist_ok=True)
     y_pred = probs.argmax(1)
     print(f"{data.source}: {metrics['n']} images, {metrics['engine']} {metrics['dtype']}, "

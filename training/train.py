@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -42,6 +41,7 @@ from tqdm import tqdm
 
 from cifar3.checkpoint import ModelMeta, save_checkpoint
 from cifar3.classes import DEFAULT_CLASSES, parse_classes
+from cifar3.hardware import describe_machine
 from cifar3.inference import fit_temperature, native_bfloat16, predict_logits
 from cifar3.model import (
     IMAGENET_WEIGHTS,
@@ -376,18 +376,6 @@ def evaluate_split(
     logits = predict_logits(model, data.images, mean, std)
     loss = nn.functional.cross_entropy(logits, data.labels, label_smoothing=label_smoothing).item()
     return loss, (logits.argmax(1) == data.labels).float().mean().item(), logits
-
-
-def describe_machine(device: torch.device) -> str:
-    """'NVIDIA H100 80GB HBM3' or '<CPU model>, N cores', for reports."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = "CPU"
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
