@@ -107,6 +107,17 @@ class Server:
         except (ClientError, KeyError):
             raise ServerError(f"no {api} token in {self.key_file}: is the server running (serve.py start)?") from None
 
+    def command(self) -> list[str]:
+        """The serve.py command line for this server (append a subcommand: status, predict, ...)."""
+        return [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--config",
+            str(self.config),
+            "--run-dir",
+            str(self.run_dir),
+        ]
+
     def client(self, timeout: float = 60.0) -> Cifar3Client:
         """The project's HTTP client for this server, with its key file."""
         return Cifar3Client(

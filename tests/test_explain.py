@@ -224,20 +224,12 @@ def test_serve_py_explain_writes_the_overlay(server, tmp_path):
     image = tmp_path / "ship.png"
     sample_image("ship", size=64).save(image)
     out = tmp_path / "overlay.png"
-    args = [
-        PYTHON,
-        str(ROOT / "scripts" / "serve.py"),
-        "--config",
-        str(server.config),
-        "--run-dir",
-        str(server.run_dir),
-    ]
-    result = run_cli(*args, "explain", str(image), "--out", str(out), "--target", "automobile")
+    result = run_cli(*server.command(), "explain", str(image), "--out", str(out), "--target", "automobile")
     assert result.returncode == 0, result.stderr
     assert "grad-cam for 'automobile'" in result.stdout and str(out) in result.stdout
     with Image.open(out) as overlay:
         assert overlay.format == "PNG" and overlay.size == (256, 256)
-    result = run_cli(*args, "explain", str(image), "--out", str(tmp_path / "x.png"), "--target", "cat")
+    result = run_cli(*server.command(), "explain", str(image), "--out", str(tmp_path / "x.png"), "--target", "cat")
     assert result.returncode == 1 and "unknown target class 'cat'" in result.stderr
     assert not (tmp_path / "x.png").exists()
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import torch
-from conftest import MODEL_CONFIG, PYTHON, ROOT, run_cli
+from conftest import MODEL_CONFIG, PYTHON, run_cli
 from synthetic import encode, sample_image
 from test_handler import png_with_declared_size
 
@@ -227,14 +227,7 @@ def test_metrics_endpoint_is_prometheus(server):
 
 
 def test_status_script_and_predict_script(server, tmp_path):
-    args = [
-        PYTHON,
-        str(ROOT / "scripts" / "serve.py"),
-        "--config",
-        str(server.config),
-        "--run-dir",
-        str(server.run_dir),
-    ]
+    args = server.command()
     status = run_cli(*args, "status")
     assert status.returncode == 0 and "READY" in status.stdout
     path = tmp_path / "car.png"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import requests
 from conftest import MODEL_CONFIG, ROOT
+from loopback import LoopbackServer
 from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
 from synthetic import encode, sample_image
@@ -154,7 +154,7 @@ def test_a_rejected_token_is_a_clear_message(server, point_at, tmp_path):
     assert not charts(at)
 
 
-class CapturingServer:
+class CapturingServer(LoopbackServer):
     """A loopback HTTP server that records every request's path and Authorization header and answers 400
     InvalidKeyException, as TorchServe does to a request without a valid token."""
 
@@ -179,16 +179,7 @@ class CapturingServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 def test_connection_settings_do_not_exist_by_default(app):

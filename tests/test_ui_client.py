@@ -9,12 +9,13 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import requests
 from conftest import ROOT
+from loopback import LoopbackServer
 from synthetic import encode, sample_image
 
 from ui.client import (
@@ -155,7 +156,7 @@ def test_read_key_file(tmp_path):
 # ---------------------------------------------------------------- a fake TorchServe
 
 
-class FakeServer:
+class FakeServer(LoopbackServer):
     """A loopback HTTP server answering like TorchServe; records requests and their overlap."""
 
     def __init__(self, key: str = "good", delay: float = 0.0, status: int = 200, body: dict | None = None):
@@ -219,16 +220,7 @@ class FakeServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 def fake_client(fake: FakeServer, key_file: Path, **config) -> Cifar3Client:

@@ -19,7 +19,6 @@ from bench.reliability.common import (
     DEBUG_SLEEP_HEADER,
     MODEL,
     OCTET,
-    PYTHON,
     REQUEST_TIMEOUT,
     ROOT,
     Result,
@@ -379,15 +378,7 @@ def check_corrupt_mar(
     seconds = time.monotonic() - started
     try:
         status = subprocess.run(
-            [
-                PYTHON,
-                str(ROOT / "scripts" / "serve.py"),
-                "--config",
-                str(server.config),
-                "--run-dir",
-                str(server.run_dir),
-                "status",
-            ],
+            [*server.command(), "status"],
             capture_output=True,
             text=True,
             timeout=60,
