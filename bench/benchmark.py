@@ -54,7 +54,7 @@ AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 # (engine, dtype) pairs measured in-process: what cifar3/engine.py can run on a CPU.
 ENGINE_VARIANTS = (("torch", "float32"), ("torch", "bfloat16"), ("onnxruntime", "float32"))
 BATCHES = (1, 8, 16, 32, 64)
-# The targets, each a ratio of two figures from the same run.
+# The targets, each a ratio of two figures from the same run.
 TARGETS = {
     "p50_c1_vs_batch1": 2.0,
     "c16_vs_inprocess16": 0.8,
