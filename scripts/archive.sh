@@ -42,11 +42,15 @@ print(f"checkpoint: {meta.variant}, classes {meta.classes}, validation accuracy 
 PY
 cp "$checkpoint" "$stage/$model_name.pt"
 # The ONNX Runtime engine's model, exported from the same state dict and verified against PyTorch float32
-# on real images (VERIFY_IMAGES, default: the folder the checkpoint was trained on); no archive if it
-# differs. The name is cifar3/engine.py's ONNX_FILE.
-verify_images=()
-[ -n "${VERIFY_IMAGES:-}" ] && verify_images=(--images "$VERIFY_IMAGES")
-(cd "$root" && "$python" -m cifar3.export "$stage/$model_name.pt" "$stage/extra/model.onnx" "${verify_images[@]}")
+# on real images (VERIFY_IMAGES, default: the checkpoint's own validation images, from whatever data source
+# it was trained on); no archive if it differs. The name is cifar3/engine.py's ONNX_FILE.
+if [ -n "${VERIFY_IMAGES:-}" ]; then
+  verify_images="$(realpath -m "$VERIFY_IMAGES")"
+else  # its data path is relative to the repository root, where training ran
+  verify_images="$stage/verify"
+  (cd "$root" && "$python" -m training.samples "$stage/$model_name.pt" "$verify_images")
+fi
+(cd "$root" && "$python" -m cifar3.export "$stage/$model_name.pt" "$stage/extra/model.onnx" --images "$verify_images")
 
 mkdir -p "$model_store"
 # The archiver stages files in $TMPDIR/<model name>: a private TMPDIR lets archives be built side by side.

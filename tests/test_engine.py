@@ -126,6 +126,20 @@ def test_archive_refuses_without_images_to_verify_on(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "store" / "cifar3.mar").exists()
 
 
+def test_archive_verifies_on_the_checkpoints_own_validation_images(cifar_dir, tmp_path):
+    """A checkpoint trained on a cifar-10-batches-py folder (no image files to point at) archives without
+    VERIFY_IMAGES: the export is checked on its validation images, read from the same source."""
+    checkpoint = tmp_path / "cifar.pt"
+    trained = run_cli(PYTHON, "-m", "training.train", "--data", str(cifar_dir), "--out", str(checkpoint),
+                      "--epochs", "1", "--batch-size", "32", "--limit", "20", "--device", "cpu")  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    done = run_cli("bash", str(ROOT / "scripts" / "archive.sh"), str(checkpoint),
+                   env={"MODEL_STORE": str(tmp_path / "store")})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "validation images of" in done.stdout and "verified on 6 images" in done.stdout, done.stdout
+    assert ONNX_FILE in zipfile.ZipFile(tmp_path / "store" / "cifar3.mar").namelist()
+
+
 def test_the_archive_carries_the_exported_model(model_store):
     assert ONNX_FILE in zipfile.ZipFile(model_store / "cifar3.mar").namelist()
 
