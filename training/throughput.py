@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cifar3.hardware import describe_machine
+from cifar3.inference import native_bfloat16
 from cifar3.model import VARIANTS, build_model
-from training.train import computes_bfloat16, describe_machine
 
 # name -> (memory format, input side in pixels, bf16 autocast)
 OPTIONS = {
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     capability = torch.backends.cpu.get_cpu_capability()
-    bf16_native = computes_bfloat16(torch.device("cpu"))
+    bf16_native = native_bfloat16(torch.device("cpu"))
     machine, date = describe_machine(torch.device("cpu")), f"{datetime.now(UTC):%Y-%m-%d}"
     rows: list[dict] = []
     for option, (fmt, size, bf16) in OPTIONS.items():
