@@ -427,24 +427,15 @@ def serve_peer(name: str, command: list[str], bodies: list[bytes], headers: dict
 
 
 def machine() -> dict:
+    import onnxruntime
     import torch
 
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f" {f}" in flags]
-    import onnxruntime
+    from cifar3.hardware import cpu_flags, cpu_name
 
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
-        "isa": isa,
+        "isa": cpu_flags(),
         "torch": str(torch.__version__),
         "onnxruntime": onnxruntime.__version__,
         "python": platform.python_version(),
