@@ -161,3 +161,24 @@ def test_benchmark_avx2_mode_restricts_torch_in_its_processes(tiny_checkpoint, t
     images = load_image_bytes(tmp_path / "no-images", 8)
     result = in_process(tiny_checkpoint, onnx, images, threads=1, seconds=0.01, quick=True)
     assert {r["capability"] for r in result["runs"]} == {"AVX2"}
+
+
+def test_layouts_serve_each_layout_with_its_settings(tiny_checkpoint, tmp_path):
+    """bench.layouts archives the checkpoint with each layout's model-config and the server runs exactly it."""
+    report = tmp_path / "layouts"
+    done = run_cli(PYTHON, "-m", "bench.layouts", "workers=1,threads=1,batch=4,delay=3", "--checkpoint",
+                   str(tiny_checkpoint), "--images", str(tmp_path / "no-images"), "--concurrency", "1,4",
+                   "--seconds", "1", "--report", str(report), timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (layout,) = json.loads(report.with_suffix(".json").read_text())["layouts"]
+    settings = layout["settings"]
+    applied = (settings["minWorkers"], settings["threads"], settings["batchSize"], settings["maxBatchDelay"])
+    assert applied == (1, 1, 4, 3)
+    assert [lv["concurrency"] for lv in layout["levels"]] == [1, 4]
+    assert all(lv["errors"] == 0 and lv["images_per_s"] > 0 for lv in layout["levels"])
+    assert "| `workers=1,threads=1,batch=4,delay=3` |" in report.with_suffix(".md").read_text()
+
+
+def test_layouts_refuse_an_unknown_setting_with_a_clear_message(tmp_path):
+    done = run_cli(PYTHON, "-m", "bench.layouts", "workers=2,cores=4", "--report", str(tmp_path / "r"))
+    assert done.returncode == 2 and "bad layout item 'cores=4'" in done.stderr and "Traceback" not in done.stderr

@@ -509,6 +509,8 @@ def test_train_help_documents_every_flag():
         "--limit",
         "--seed",
         "--val-fraction",
+        "--low-res-until",
+        "--warmup",
     ):
         assert flag in result.stdout
 
@@ -581,3 +583,22 @@ def test_evaluate_validation_split_reproduces_the_selection_accuracy(tmp_path, t
     _, meta = load_checkpoint(tiny_checkpoint)
     assert summary["n"] == 18  # 10% of 180, stratified
     assert summary["accuracy"] == pytest.approx(meta.val_accuracy, abs=1e-4)
+
+
+def test_budget_trains_the_preset_emulated_within_each_scaled_budget(tmp_path, image_folder):
+    """training.budget: a probe and one budgeted run per budget, all on torch's AVX2 kernels, one table."""
+    report = tmp_path / "budget"
+    result = run_cli(PYTHON, "-m", "training.budget", "--data", str(image_folder), "--minutes", "0.6",
+                     "--probe-seconds", "0.5", "--jobs", "1", "--checkpoints", str(tmp_path),
+                     "--report", str(report))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(report.with_suffix(".json").read_text())
+    assert data["probe"]["capability"] == "AVX2" and data["scale"] == pytest.approx(107 / data["probe"]["rate"], 1e-3)
+    (run,) = data["runs"]
+    assert run["cpu_budget_s"] == pytest.approx((0.6 * 60 - 30) * data["scale"], abs=0.1)
+    summary = run["summary"]
+    assert summary["budget_clock"] == "cpu" and summary["steps"] >= 1 and summary["cpu_capability"] == "AVX2"
+    assert summary["cpu_time_s"] >= run["cpu_budget_s"] * 0.5  # the budget was used, not skipped
+    assert (tmp_path / "budget-avx2-0.6min.pt").is_file()
+    assert "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m training.train" in run["command"]
+    assert "| 0.6 min |" in report.with_suffix(".md").read_text()
