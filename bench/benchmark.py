@@ -52,7 +52,12 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "cifar3" / "train"
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 # (engine, dtype) pairs measured in-process: what cifar3/engine.py can run on a CPU.
-ENGINE_VARIANTS = (("torch", "float32"), ("torch", "bfloat16"), ("onnxruntime", "float32"))
+ENGINE_VARIANTS = (
+    ("torch", "float32"),
+    ("torch", "bfloat16"),
+    ("onnxruntime", "float32"),
+    ("onnxruntime-int8", "int8"),
+)
 BATCHES = (1, 8, 16, 32, 64)
 # The targets, each a ratio of two figures from the same run.
 TARGETS = {
@@ -179,13 +184,20 @@ def side_by_side(spec: dict, processes: int, batch: int) -> float:
     return round(sum(rates), 1)
 
 
+def onnx_file(onnx: Path, engine: str) -> Path:
+    """The exported model ``engine`` runs: ``onnx`` (the float32 export) or its int8 quantization beside it."""
+    from cifar3.engine import ONNX_FILE, ONNX_FILES
+
+    return onnx.with_name(ONNX_FILES.get(engine, ONNX_FILE))
+
+
 def in_process(checkpoint: Path, onnx: Path, images: list[bytes], threads: int, seconds: float, quick: bool) -> dict:
     cores = os.cpu_count() or 1
     batches = (1, 8) if quick else BATCHES
     specs = [
         {
             "checkpoint": str(checkpoint),
-            "onnx": str(onnx),
+            "onnx": str(onnx_file(onnx, engine)),
             "engine": engine,
             "dtype": dtype,
             "threads": count,
@@ -204,7 +216,7 @@ def in_process(checkpoint: Path, onnx: Path, images: list[bytes], threads: int, 
                 continue
             spec = {
                 "checkpoint": str(checkpoint),
-                "onnx": str(onnx),
+                "onnx": str(onnx_file(onnx, run["engine"])),
                 "engine": run["engine"],
                 "dtype": run["dtype"],
                 "seconds": max(1.0, 2 * seconds),
@@ -249,7 +261,7 @@ def limits(runs: list[dict], cores: int) -> dict:
 # -- parity: every engine against PyTorch float32 on the checkpoint's validation split ----------------
 
 
-def parity(checkpoint: Path, threads: int) -> dict:
+def parity(checkpoint: Path, onnx: Path, threads: int) -> dict:
     """``training.evaluate --validation --predictions`` per engine (the CLI users run): accuracy, how many
     predictions agree with PyTorch float32, and the largest probability difference from it."""
     runs = {}
@@ -273,6 +285,7 @@ def parity(checkpoint: Path, threads: int) -> dict:
                     "--predictions",
                     "--report-dir",
                     str(report),
+                    *(["--onnx", str(onnx_file(onnx, engine))] if engine != "torch" else []),
                 ],
                 check=True,
                 cwd=ROOT,
@@ -639,14 +652,15 @@ def main(argv: list[str] | None = None) -> int:
         onnx = Path(tmp) / "model.onnx"
         verify_on = ["--images", str(args.images)] if args.images.is_dir() else []  # else: the training data
         subprocess.run(
-            [sys.executable, "-m", "cifar3.export", str(args.checkpoint), str(onnx), *verify_on], check=True, cwd=ROOT
-        )
+            [sys.executable, "-m", "cifar3.export", str(args.checkpoint), str(onnx), *verify_on,
+             "--int8", str(onnx_file(onnx, "onnxruntime-int8"))], check=True, cwd=ROOT,
+        )  # fmt: skip
         print(f"in-process: {args.checkpoint} ...", flush=True)
         load_average = {"in-process": os.getloadavg()[0]}
         inproc = in_process(args.checkpoint, onnx, images, args.threads, args.in_process_seconds, args.quick)
         print("parity on the validation split ...", flush=True)
         load_average["parity"] = os.getloadavg()[0]
-        agreement = parity(args.checkpoint, 1)
+        agreement = parity(args.checkpoint, onnx, 1)
         load_average["served"] = os.getloadavg()[0]
         print(json.dumps(agreement), flush=True)
         served = serve_torchserve(args.checkpoint, args.model_config, images, levels, args.seconds)
@@ -665,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--engine",
                     str(served["settings"]["engine"]),
                     "--onnx",
-                    str(onnx),
+                    str(onnx_file(onnx, str(served["settings"]["engine"]))),
                     "--workers",
                     str(workers),
                     "--threads",

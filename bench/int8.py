@@ -2,11 +2,11 @@
 
     .venv/bin/python -m bench.int8 --checkpoint checkpoints/cifar3.pt --report reports/int8
 
-Exports the checkpoint to ONNX exactly as scripts/archive.sh does, quantizes it with ONNX Runtime's static
-quantization (QDQ, int8 weights per channel, uint8 activations calibrated on training images that are not in the
-validation split), then scores float32 and int8 on the checkpoint's own validation split (accuracy,
-agreement with float32, largest probability difference) and times both at batch 1, 8 and 64 with one and
-all threads, each engine in turn on an otherwise idle process. Writes REPORT.json and REPORT.md.
+Exports the checkpoint to ONNX and quantizes it exactly as scripts/archive.sh does (cifar3.export: ONNX
+Runtime's static quantization, QDQ, 7-bit int8 weights per channel, uint8 activations), calibrated here on
+training images that are not in the validation split, then scores float32 and int8 on the checkpoint's own
+validation split (accuracy, agreement with float32, largest probability difference) and times both at
+batch 1, 8 and 64 with one and all threads, one engine at a time. Writes REPORT.json and REPORT.md.
 """
 
 from __future__ import annotations
@@ -24,34 +24,13 @@ import numpy as np
 import torch
 
 from cifar3.checkpoint import load_checkpoint
-from cifar3.engine import ONNX_INPUT, OnnxRuntimeEngine, predict_probs
-from cifar3.export import export_checkpoint
+from cifar3.engine import OnnxRuntimeEngine, predict_probs
+from cifar3.export import export_checkpoint, quantize_int8
 from cifar3.hardware import describe_machine
 from cifar3.preprocessing import normalize
 from training.data import DEFAULT_DATA_ROOT, limit_per_class, load_split, stratified_split
 
 BATCHES = (1, 8, 64)
-
-
-def quantize(float_onnx: Path, out: Path, calibration: np.ndarray) -> Path:
-    """Static int8 quantization of ``float_onnx`` calibrated on ``calibration`` (normalized N x 3 x H x W)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Batches(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // 32)))
-
-        def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {ONNX_INPUT: np.ascontiguousarray(batch)}
-
-    prepared = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(float_onnx), str(prepared))  # shape inference and graph clean-up, as ORT advises
-    quantize_static(str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
-    prepared.unlink()
-    return out
 
 
 def rate(engine: OnnxRuntimeEngine, images: torch.Tensor, batch: int, seconds: float) -> dict:
@@ -83,23 +62,23 @@ def main(argv: list[str] | None = None) -> int:
                            config["seed"])  # fmt: skip
     train, val = stratified_split(data, config["val_fraction"], config["seed"])
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.calibration]
-    calibration = normalize(train.images[pick], meta.mean, meta.std).numpy()
+    calibration = normalize(train.images[pick], meta.mean, meta.std)
     cores = os.cpu_count() or 1
     rows, scores = [], {}
     with tempfile.TemporaryDirectory(prefix="cifar3-int8-") as tmp:
         float_onnx = export_checkpoint(args.checkpoint, Path(tmp) / "model.onnx")
         started = time.perf_counter()
-        int8_onnx = quantize(float_onnx, Path(tmp) / "model.int8.onnx", calibration)
+        int8_onnx = quantize_int8(float_onnx, Path(tmp) / "model.int8.onnx", calibration)
         quantize_s = time.perf_counter() - started
         sizes = {"float32": float_onnx.stat().st_size, "int8": int8_onnx.stat().st_size}
         probs = {}
         for name, path in (("float32", float_onnx), ("int8", int8_onnx)):
-            engine = OnnxRuntimeEngine(path, threads=cores)
+            engine = OnnxRuntimeEngine(path, threads=cores, int8=name == "int8")
             probs[name] = predict_probs(engine, meta, val.images)
             scores[name] = float((probs[name].argmax(1) == val.labels).float().mean())
             batch = normalize(val.images[:64], meta.mean, meta.std)
             for threads in sorted({1, cores}):
-                engine = OnnxRuntimeEngine(path, threads=threads)
+                engine = OnnxRuntimeEngine(path, threads=threads, int8=name == "int8")
                 rows += [{"engine": name, "threads": threads, **rate(engine, batch, b, args.seconds)} for b in BATCHES]
     agreement = float((probs["int8"].argmax(1) == probs["float32"].argmax(1)).float().mean())
     report = {
@@ -130,7 +109,7 @@ def markdown(report: dict) -> str:
         "# int8 (ONNX Runtime static quantization) against float32",
         "",
         f"{report['machine']}, {report['date'][:10]}; checkpoint `{report['checkpoint']}`; written by "
-        f"`python -m bench.int8`. Quantization: QDQ, int8 weights per channel, uint8 activations calibrated on "
+        f"`python -m bench.int8`. Quantization: QDQ, 7-bit int8 weights per channel, uint8 activations calibrated on "
         f"{report['calibration_images']} training images ({report['quantize_s']} s). Scored on the checkpoint's "
         f"validation split ({report['validation_images']} images).",
         "",

@@ -8,6 +8,8 @@ Engines (``handler.engine`` in model-config.yaml, ``training.evaluate --engine``
 - ``torch``: the checkpoint's model in PyTorch eager, BatchNorm folded, in ``dtype`` (cifar3/inference.py);
 - ``onnxruntime``: the same state dict exported to ONNX (cifar3/export.py, at archive time) and run by
   ONNX Runtime's CPU provider in float32; probabilities within 1e-4 of PyTorch float32;
+- ``onnxruntime-int8``: that export quantized to int8 by ONNX Runtime (static, calibrated on real images at
+  archive time), run the same way; opt-in, never chosen by ``auto`` (docs/performance.md has its accuracy);
 - ``auto``: the fastest of them for the hardware, decided by ``choose_engine`` below and nowhere else.
 
 Whoever serves, evaluates or measures calls ``load_engine``, so they run the same engine, dtype and
@@ -25,6 +27,7 @@ import torch
 
 from cifar3.checkpoint import ModelMeta, load_checkpoint
 from cifar3.inference import (
+    DTYPES,
     as_model_input,
     calibrated_probs,
     dtype_name,
@@ -36,9 +39,11 @@ from cifar3.preprocessing import normalize
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("auto", "torch", "onnxruntime")
+ENGINES = ("auto", "torch", "onnxruntime", "onnxruntime-int8")
 ONNX_INPUT, ONNX_OUTPUT = "images", "logits"  # the exported graph's tensor names (cifar3/export.py)
 ONNX_FILE = "model.onnx"  # the exported graph's name in the .mar (scripts/archive.sh writes it)
+ONNX_INT8_FILE = "model.int8.onnx"  # its int8 quantization, beside it in the .mar
+ONNX_FILES = {"onnxruntime": ONNX_FILE, "onnxruntime-int8": ONNX_INT8_FILE}  # engine -> its model in the .mar
 
 
 @dataclass(frozen=True)
@@ -62,10 +67,13 @@ def choose_engine(requested: str, device: torch.device, dtype: str = "auto") -> 
         raise ValueError(f"unknown engine {requested!r}; choose one of {', '.join(ENGINES)}")
     if requested == "auto":
         requested = "torch" if device.type == "cuda" or native_bfloat16(device) else "onnxruntime"
-    if requested == "onnxruntime":
-        if dtype not in ("auto", "float32"):
-            raise ValueError(f"the onnxruntime engine runs float32, not {dtype}; use engine torch for {dtype}")
-        return EngineChoice("onnxruntime", torch.float32)
+    if requested in ONNX_FILES:
+        runs = torch.int8 if requested == "onnxruntime-int8" else torch.float32
+        if dtype not in ("auto", dtype_name(runs)):
+            raise ValueError(
+                f"the {requested} engine runs {dtype_name(runs)}, not {dtype}; use engine torch for {dtype}"
+            )
+        return EngineChoice(requested, runs)
     return EngineChoice("torch", inference_dtype(dtype, device))
 
 
@@ -106,13 +114,12 @@ class TorchEngine(Engine):
 
 
 class OnnxRuntimeEngine(Engine):
-    name = "onnxruntime"
-    dtype = torch.float32
     device = torch.device("cpu")
 
-    def __init__(self, onnx_path: str | Path, threads: int | None = None):
+    def __init__(self, onnx_path: str | Path, threads: int | None = None, int8: bool = False):
         import onnxruntime as ort
 
+        self.name, self.dtype = ("onnxruntime-int8", torch.int8) if int8 else ("onnxruntime", torch.float32)
         if not Path(onnx_path).is_file():
             raise FileNotFoundError(f"no exported model at {onnx_path}")
         options = ort.SessionOptions()
@@ -144,27 +151,31 @@ def load_engine(
     """(engine, meta) for a checkpoint: ``choose_engine`` decides, then the engine is built.
 
     ``threads`` sets torch's intra-op threads (preprocessing runs in torch whatever the engine) and ONNX
-    Runtime's. The onnxruntime engine runs ``onnx_path`` (the archive's exported model); with None it
-    exports the checkpoint now, exactly as scripts/archive.sh does. Where ONNX Runtime cannot run (not
-    installed, the exported model missing or unreadable, or no exporter) the torch engine runs instead, with
-    one log line.
+    Runtime's. An ONNX Runtime engine runs ``onnx_path`` (the archive's exported model: ONNX_FILES names
+    it); with None, onnxruntime exports the checkpoint now, exactly as scripts/archive.sh does, while
+    onnxruntime-int8 needs the archive's quantized model (its calibration images are the archive's). Where
+    ONNX Runtime cannot run (not installed, the exported model missing or unreadable, or no exporter) the
+    torch engine runs instead, with one log line.
     """
     device = torch.device(device)
     if threads:
         torch.set_num_threads(int(threads))
     model, meta = load_checkpoint(checkpoint, device)
     choice = choose_engine(engine, device, dtype)
-    if choice.engine == "onnxruntime":
+    if choice.engine == "onnxruntime-int8" and onnx_path is None:
+        raise ValueError(f"engine onnxruntime-int8 runs an archive's quantized model ({ONNX_INT8_FILE}, written by "
+                         "scripts/archive.sh or python -m cifar3.export --int8): give its path (--onnx)")  # fmt: skip
+    if choice.engine in ONNX_FILES:
         try:
             if onnx_path is not None:
-                return OnnxRuntimeEngine(onnx_path, threads), meta
+                return OnnxRuntimeEngine(onnx_path, threads, int8=choice.engine == "onnxruntime-int8"), meta
             with tempfile.TemporaryDirectory(prefix="cifar3-onnx-") as folder:
                 from cifar3.export import export_checkpoint  # needs onnx + onnxscript (the train extra)
 
                 exported = export_checkpoint(checkpoint, Path(folder) / "cifar3.onnx")
                 return OnnxRuntimeEngine(exported, threads), meta  # the session holds the graph in memory
         except Exception as exc:  # whatever stops ONNX Runtime must not leave a dead worker
-            choice = choose_engine("torch", device, dtype)
+            choice = choose_engine("torch", device, dtype if dtype in ("auto", *DTYPES) else "auto")
             logger.warning("engine %s: onnxruntime cannot run here (%s); running torch %s instead",
                            engine, exc, dtype_name(choice.dtype))  # fmt: skip
     return TorchEngine(model, choice.dtype), meta

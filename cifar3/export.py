@@ -1,12 +1,17 @@
 """Export a checkpoint's model to ONNX (dynamic batch axis) and verify it against PyTorch float32.
 
-    python -m cifar3.export checkpoints/cifar3.pt model.onnx [--images DIR]
+    python -m cifar3.export checkpoints/cifar3.pt model.onnx [--images DIR] [--int8 model.int8.onnx]
 
 The state dict stays the source of truth: scripts/archive.sh runs this on every archive, and the
 exported graph goes into the .mar beside the checkpoint only if ONNX Runtime's probabilities on a
 batch of real images (``--images``, else the folder the checkpoint was trained on) are within
 ``TOLERANCE`` of the PyTorch float32 model's, at batch 1 and at the whole batch. Otherwise it exits 2
 with a message and writes nothing. Needs onnx and onnxscript (torch's dynamo exporter); serving does not.
+
+``--int8`` also writes the export quantized by ONNX Runtime's static quantization (QDQ; weights int8 per
+channel in 7 bits, so that CPUs without VNNI compute exactly what CPUs with it do; activations uint8,
+calibrated on up to ``--calibration`` of the images), if its predictions agree with float32's on at least
+``INT8_AGREEMENT`` of the images; otherwise a warning, and no int8 model.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import torch
 from cifar3.checkpoint import CheckpointError, load_checkpoint
 from cifar3.engine import ONNX_INPUT, ONNX_OUTPUT, OnnxRuntimeEngine, predict_probs
 from cifar3.inference import calibrated_probs, predict_logits
-from cifar3.preprocessing import ImageDecodeError, decode_image, pil_to_uint8
+from cifar3.preprocessing import ImageDecodeError, decode_image, normalize, pil_to_uint8
 
 TOLERANCE = 1e-4  # largest difference in any calibrated probability the export may make
+INT8_AGREEMENT = 0.98  # least share of the images on which the int8 model must predict what float32 does
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -45,6 +51,41 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         torch.onnx.export(model, (example,), str(out), input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
                           dynamic_shapes={"x": {0: batch}}, dynamo=True, external_data=False)  # fmt: skip
     return out
+
+
+def quantize_int8(onnx_path: str | Path, out: str | Path, calibration: torch.Tensor) -> Path:
+    """Static int8 quantization of the exported model, calibrated on ``calibration`` (normalized N x 3 x H x W):
+    QDQ format, int8 per-channel weights in a reduced (7-bit) range, uint8 activations; returns ``out``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    batches = iter(torch.split(calibration.float().contiguous(), 32))
+
+    class Batches(CalibrationDataReader):
+        def get_next(self):
+            batch = next(batches, None)
+            return None if batch is None else {ONNX_INPUT: batch.contiguous().numpy()}
+
+    out = Path(out)
+    prepared = out.with_name(f".{out.name}.pre.onnx")
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(onnx_path), str(prepared))  # shape inference and graph clean-up first
+            quantize_static(str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            reduce_range=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8)  # fmt: skip
+    finally:
+        prepared.unlink(missing_ok=True)
+    return out
+
+
+def int8_agreement(onnx_path: str | Path, int8_path: str | Path, images: torch.Tensor, meta) -> float:
+    """Share of ``images`` (uint8) on which the int8 model predicts the float32 export's class."""
+    threads = torch.get_num_threads()
+    float32 = predict_probs(OnnxRuntimeEngine(onnx_path, threads), meta, images).argmax(1)
+    int8 = predict_probs(OnnxRuntimeEngine(int8_path, threads, int8=True), meta, images).argmax(1)
+    return float((float32 == int8).float().mean())
 
 
 def folder_images(folder: Path, count: int, image_size: int) -> torch.Tensor | None:
@@ -74,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="the .onnx file to write")
     parser.add_argument("--images", type=Path, help="folder of real images to verify on (default: the training data)")
     parser.add_argument("--count", type=int, default=64, help="images to verify on")
+    parser.add_argument("--int8", type=Path, metavar="OUT", help="also write the int8 quantization here")
+    parser.add_argument("--calibration", type=int, default=256, help="images to calibrate the int8 model on")
     args = parser.parse_args(argv)
     try:
         _, meta = load_checkpoint(args.checkpoint)
@@ -101,6 +144,26 @@ def main(argv: list[str] | None = None) -> int:
         tmp.unlink(missing_ok=True)
     print(f"onnx: {args.out} verified on {len(images)} images from {folder}: max probability difference "
           f"{difference:.1e} (limit {TOLERANCE:g})")  # fmt: skip
+    return write_int8(args, meta, folder, images) if args.int8 else 0
+
+
+def write_int8(args: argparse.Namespace, meta, folder: Path, images: torch.Tensor) -> int:
+    """The --int8 model: quantized, checked against the float32 export on the verification images, written."""
+    calibration = folder_images(folder, args.calibration, meta.image_size)
+    tmp = args.int8.with_name(f".{args.int8.name}.{os.getpid()}.tmp")
+    try:
+        quantize_int8(args.out, tmp, normalize(calibration, meta.mean, meta.std))
+        agreement = int8_agreement(args.out, tmp, images, meta)
+        if agreement < INT8_AGREEMENT:  # the float32 export stands; only the opt-in int8 engine is missing
+            print(f"warning: the int8 model of {args.checkpoint} predicts what float32 does on only {agreement:.1%} "
+                  f"of {len(images)} images from {folder} (at least {INT8_AGREEMENT:.0%} needed); not written, so "
+                  "engine onnxruntime-int8 would run torch", file=sys.stderr)  # fmt: skip
+            return 0
+        os.replace(tmp, args.int8)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"int8: {args.int8} calibrated on {len(calibration)} images; predicts what float32 does on "
+          f"{agreement:.1%} of {len(images)} images")  # fmt: skip
     return 0
 
 

@@ -35,7 +35,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
 from cifar3.checkpoint import load_checkpoint
-from cifar3.engine import ONNX_FILE, load_engine
+from cifar3.engine import ONNX_FILE, ONNX_FILES, load_engine
 from cifar3.inference import calibrated_probs
 from cifar3.preprocessing import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, eval_transform
 
@@ -146,7 +146,7 @@ class Cifar3Handler(BaseHandler):
             device=self.device,
             dtype=str(options.get("dtype", "auto")),
             threads=options.get("threads"),
-            onnx_path=os.path.join(model_dir, ONNX_FILE),
+            onnx_path=os.path.join(model_dir, ONNX_FILES.get(self.requested_engine, ONNX_FILE)),
         )
         self.max_pixels = int(options.get("max_image_pixels", MAX_IMAGE_PIXELS))
         # One forward pass now, so the first real request does not pay for lazy initialisation.

@@ -43,14 +43,16 @@ PY
 cp "$checkpoint" "$stage/$model_name.pt"
 # The ONNX Runtime engine's model, exported from the same state dict and verified against PyTorch float32
 # on real images (VERIFY_IMAGES, default: the checkpoint's own validation images, from whatever data source
-# it was trained on); no archive if it differs. The name is cifar3/engine.py's ONNX_FILE.
+# it was trained on); no archive if it differs. Beside it, its int8 quantization (engine onnxruntime-int8),
+# calibrated on the same images. The names are cifar3/engine.py's ONNX_FILES.
 if [ -n "${VERIFY_IMAGES:-}" ]; then
   verify_images="$(realpath -m "$VERIFY_IMAGES")"
 else  # its data path is relative to the repository root, where training ran
   verify_images="$stage/verify"
   (cd "$root" && "$python" -m training.samples "$stage/$model_name.pt" "$verify_images")
 fi
-(cd "$root" && "$python" -m cifar3.export "$stage/$model_name.pt" "$stage/extra/model.onnx" --images "$verify_images")
+(cd "$root" && "$python" -m cifar3.export "$stage/$model_name.pt" "$stage/extra/model.onnx" --images "$verify_images" \
+  --int8 "$stage/extra/model.int8.onnx")
 
 mkdir -p "$model_store"
 # The archiver stages files in $TMPDIR/<model name>: a private TMPDIR lets archives be built side by side.

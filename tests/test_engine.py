@@ -19,7 +19,15 @@ from synthetic import sample_image
 from cifar3 import engine as engine_module
 from cifar3 import export
 from cifar3.checkpoint import load_checkpoint
-from cifar3.engine import ONNX_FILE, OnnxRuntimeEngine, TorchEngine, choose_engine, load_engine, predict_probs
+from cifar3.engine import (
+    ONNX_FILE,
+    ONNX_FILES,
+    OnnxRuntimeEngine,
+    TorchEngine,
+    choose_engine,
+    load_engine,
+    predict_probs,
+)
 from cifar3.inference import calibrated_probs, native_bfloat16, predict_logits
 from cifar3.preprocessing import pil_to_uint8
 
@@ -60,6 +68,9 @@ def test_auto_on_this_machine_is_what_the_hardware_rule_says():
 
 def test_explicit_engines_and_bad_names():
     assert choose_engine("onnxruntime", CPU).dtype == torch.float32
+    assert choose_engine("onnxruntime-int8", CPU) == engine_module.EngineChoice("onnxruntime-int8", torch.int8)
+    with pytest.raises(ValueError, match="runs int8"):
+        choose_engine("onnxruntime-int8", CPU, "float32")
     assert choose_engine("torch", CPU, "float32") == engine_module.EngineChoice("torch", torch.float32)
     with pytest.raises(ValueError, match="unknown engine 'tensorrt'"):
         choose_engine("tensorrt", CPU)
@@ -106,6 +117,35 @@ def test_a_missing_or_unreadable_exported_model_falls_back_to_torch(tiny_checkpo
     assert len(caplog.records) == 1 and "onnxruntime cannot run here" in caplog.records[0].getMessage()
 
 
+def test_int8_runs_only_an_archives_quantized_model(tiny_checkpoint):
+    with pytest.raises(ValueError, match="quantized model"):
+        load_engine(tiny_checkpoint, "onnxruntime-int8")
+
+
+def test_int8_export_is_quantized_and_predicts_what_float32_does(tiny_checkpoint, onnx_model, images, tmp_path):
+    int8 = tmp_path / "model.int8.onnx"
+    done = run_cli(PYTHON, "-m", "cifar3.export", str(tiny_checkpoint), str(tmp_path / "model.onnx"),
+                   "--int8", str(int8))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "int8:" in done.stdout and "predicts what float32 does on" in done.stdout
+    assert int8.stat().st_size < 0.4 * onnx_model.stat().st_size  # int8 weights: a quarter of the bytes
+    quantized, meta = load_engine(tiny_checkpoint, "onnxruntime-int8", onnx_path=int8, threads=1)
+    float32, _ = load_engine(tiny_checkpoint, "onnxruntime", onnx_path=onnx_model, threads=1)
+    assert quantized.describe() == {"engine": "onnxruntime-int8", "dtype": "int8", "threads": 1, "device": "cpu"}
+    p8, p32 = predict_probs(quantized, meta, images), predict_probs(float32, meta, images)
+    assert (p8.argmax(1) == p32.argmax(1)).float().mean() >= 0.9
+    assert not torch.equal(p8, p32)  # computed in int8, not the float32 graph again
+    assert torch.equal(predict_probs(quantized, meta, images, batch_size=1), p8)  # any batch size, same answer
+
+
+def test_int8_that_disagrees_is_left_out_with_a_warning(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(export, "INT8_AGREEMENT", 1.01)  # no model can agree this well
+    float32, int8 = tmp_path / "model.onnx", tmp_path / "model.int8.onnx"
+    assert export.main([str(tiny_checkpoint), str(float32), "--int8", str(int8)]) == 0
+    assert "warning: the int8 model" in capsys.readouterr().err
+    assert float32.is_file() and not int8.exists() and {p.name for p in tmp_path.iterdir()} == {"model.onnx"}
+
+
 # -- export and its verification --------------------------------------------------------------------
 
 
@@ -140,16 +180,17 @@ def test_archive_verifies_on_the_checkpoints_own_validation_images(cifar_dir, tm
     assert ONNX_FILE in zipfile.ZipFile(tmp_path / "store" / "cifar3.mar").namelist()
 
 
-def test_the_archive_carries_the_exported_model(model_store):
-    assert ONNX_FILE in zipfile.ZipFile(model_store / "cifar3.mar").namelist()
+def test_the_archive_carries_the_exported_models(model_store):
+    assert set(ONNX_FILES.values()) <= set(zipfile.ZipFile(model_store / "cifar3.mar").namelist())
 
 
 # -- parity: a real TorchServe per engine against training.evaluate --engine -----------------------
 
 
-def evaluate_predictions(checkpoint, folder, report, engine: str) -> dict[str, list[float]]:
+def evaluate_predictions(checkpoint, folder, report, engine: str, onnx=None) -> dict[str, list[float]]:
     done = run_cli(PYTHON, "-m", "training.evaluate", "--checkpoint", str(checkpoint), "--data", str(folder),
-                   "--report-dir", str(report), "--predictions", "--engine", engine, "--threads", "1")  # fmt: skip
+                   "--report-dir", str(report), "--predictions", "--engine", engine, "--threads", "1",
+                   *(["--onnx", str(onnx)] if onnx else []))  # fmt: skip
     assert done.returncode == 0, done.stderr
     with open(report / "predictions.csv") as f:
         return {row["path"]: [float(row[c]) for c in CLASSES] for row in csv.DictReader(f)}
@@ -162,32 +203,50 @@ def described(server) -> dict:
     return json.loads(custom) if isinstance(custom, str) else custom
 
 
-@pytest.fixture(scope="module")
-def onnxruntime_server(tmp_path_factory, tiny_checkpoint):
-    """A second real TorchServe whose model-config asks for the onnxruntime engine (the session's asks auto)."""
-    folder = tmp_path_factory.mktemp("ort-server")
+def engine_server(tmp_path_factory, tiny_checkpoint, engine: str):
+    """Another real TorchServe whose model-config asks for ``engine`` (the session's asks auto), and the
+    exported model it runs, taken out of its .mar."""
+    folder = tmp_path_factory.mktemp(f"{engine}-server")
     config = {**MODEL_CONFIG, "minWorkers": 1, "maxWorkers": 1,
-              "handler": {**MODEL_CONFIG["handler"], "engine": "onnxruntime"}}  # fmt: skip
+              "handler": {**MODEL_CONFIG["handler"], "engine": engine}}  # fmt: skip
     (folder / "model-config.yaml").write_text(yaml.safe_dump(config))
     env = {"MODEL_STORE": str(folder / "store"), "MODEL_CONFIG": str(folder / "model-config.yaml")}
     done = run_cli("bash", str(ROOT / "scripts" / "archive.sh"), str(tiny_checkpoint), env=env)
     assert done.returncode == 0, done.stderr
+    onnx = folder / ONNX_FILES[engine]
+    onnx.write_bytes(zipfile.ZipFile(folder / "store" / "cifar3.mar").read(ONNX_FILES[engine]))
     server = start_server(folder / "ts", folder / "store")
-    yield server
+    return server, onnx
+
+
+@pytest.fixture(scope="module")
+def onnxruntime_server(tmp_path_factory, tiny_checkpoint):
+    server, onnx = engine_server(tmp_path_factory, tiny_checkpoint, "onnxruntime")
+    yield server, onnx
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def int8_server(tmp_path_factory, tiny_checkpoint):
+    server, onnx = engine_server(tmp_path_factory, tiny_checkpoint, "onnxruntime-int8")
+    yield server, onnx
     server.stop()
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("which", ["auto", "onnxruntime"])
+@pytest.mark.parametrize("which", ["auto", "onnxruntime", "onnxruntime-int8"])
 def test_served_probabilities_equal_evaluate_with_the_same_engine(which, request, tiny_checkpoint, tmp_path):
-    server = request.getfixturevalue("server" if which == "auto" else "onnxruntime_server")
+    """For every engine: what the server answers is what training.evaluate computes with that engine (for
+    the ONNX engines, on the model file the archive carries)."""
+    fixture = {"auto": "server", "onnxruntime": "onnxruntime_server", "onnxruntime-int8": "int8_server"}[which]
+    server, onnx = request.getfixturevalue(fixture) if which != "auto" else (request.getfixturevalue(fixture), None)
     folder = tmp_path / "images"
     files = []
     for i, name in enumerate(CLASSES * 2):
         (folder / name).mkdir(parents=True, exist_ok=True)
         files.append(folder / name / f"{i}.png")
         sample_image(name, seed=200 + i).save(files[-1])
-    expected = evaluate_predictions(tiny_checkpoint, folder, tmp_path / "report", which)
+    expected = evaluate_predictions(tiny_checkpoint, folder, tmp_path / "report", which, onnx)
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     info = described(server)
     # the describe API says what ran; evaluate ran the very same engine, dtype and threads
@@ -195,8 +254,8 @@ def test_served_probabilities_equal_evaluate_with_the_same_engine(which, request
         k: metrics[k] for k in ("engine", "dtype", "threads")
     }
     assert info["engine_requested"] == which and info["threads"] == MODEL_CONFIG["handler"]["threads"]
-    if which == "onnxruntime":
-        assert info["engine"] == "onnxruntime" and info["dtype"] == "float32"
+    if which != "auto":
+        assert info["engine"] == which and info["dtype"] == ("int8" if which.endswith("int8") else "float32")
     for path in files:
         answer = requests.post(f"{server.inference_url}/predictions/cifar3", data=path.read_bytes(),
                                headers=server.headers(), timeout=60)  # fmt: skip

@@ -21,7 +21,7 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from cifar3.checkpoint import load_checkpoint
-from cifar3.engine import ONNX_FILE, choose_engine, load_engine, predict_probs
+from cifar3.engine import ONNX_FILES, choose_engine, load_engine, predict_probs
 from cifar3.inference import calibrated_probs, dtype_name, predict_logits
 from cifar3.preprocessing import ImageDecodeError, decode_image, pil_to_uint8
 from handler.cifar3_handler import Cifar3Handler
@@ -225,7 +225,7 @@ print(cifar3.__file__, cifar3_handler.__file__, meta.classes)
 
 def test_archive_contents(model_store):
     names = set(zipfile.ZipFile(model_store / "cifar3.mar").namelist())
-    expected = {"cifar3.pt", "cifar3_handler.py", "model-config.yaml", "MAR-INF/MANIFEST.json", ONNX_FILE}
+    expected = {"cifar3.pt", "cifar3_handler.py", "model-config.yaml", "MAR-INF/MANIFEST.json", *ONNX_FILES.values()}
     expected |= {f"cifar3/{path.name}" for path in (ROOT / "cifar3").glob("*.py")}
     assert names == expected
 

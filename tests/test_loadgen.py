@@ -15,6 +15,7 @@ import torch
 from conftest import MODEL_CONFIG, PYTHON, ROOT, free_ports, run_cli
 from PIL import Image
 
+from bench.benchmark import ENGINE_VARIANTS
 from bench.loadgen import NO_ANSWER, _Connection, build_requests, percentile, run_load
 from cifar3.engine import choose_engine
 from cifar3.inference import dtype_name
@@ -126,8 +127,9 @@ def test_benchmark_quick_run_writes_its_report(tiny_checkpoint, tmp_path):
     report = json.loads((out / "benchmark.json").read_text())
     # in-process: every engine, each rate real; the limits are the best (fastest) of them and say where from
     runs = report["in_process"]["runs"]
-    assert {(r["engine"], r["dtype"]) for r in runs} == {("torch", "float32"), ("torch", "bfloat16"),
-                                                         ("onnxruntime", "float32")}  # fmt: skip
+    assert {(r["engine"], r["dtype"]) for r in runs} == set(ENGINE_VARIANTS) == {
+        ("torch", "float32"), ("torch", "bfloat16"), ("onnxruntime", "float32"), ("onnxruntime-int8", "int8")
+    }  # fmt: skip
     assert all(rate > 0 for r in runs for rate in r["images_per_s_by_batch"].values())
     limits = report["in_process"]["limits"]
     assert limits["machine"]["images_per_s"] == max(v for r in runs for v in r["images_per_s_by_batch"].values())
@@ -145,6 +147,7 @@ def test_benchmark_quick_run_writes_its_report(tiny_checkpoint, tmp_path):
     # parity on the validation split: ONNX Runtime says what PyTorch float32 says
     ort, float32 = report["parity"]["onnxruntime float32"], report["parity"]["torch float32"]
     assert ort["agreement"] == 1.0 and ort["max_probability_difference"] <= 1e-4 and ort["n"] == float32["n"] > 0
+    assert report["parity"]["onnxruntime-int8 int8"]["n"] == float32["n"]  # scored on the same images
     assert any(c["check"].startswith("served c=1 p50") for c in report["checks"])
     assert set(report["load_average_at_start"]) == {"in-process", "parity", "served", "peers"}
     markdown = (out / "benchmark.md").read_text()

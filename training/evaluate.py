@@ -112,14 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--predictions", action="store_true", help="also write DIR/predictions.csv (per-image probabilities)"
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+    p.add_argument("--dtype", choices=["auto", *DTYPES, "int8"], default="auto",
                    help="numeric type of the forward pass; auto = bfloat16 where the hardware computes it "
-                        "natively, else float32, exactly as the served handler does (default: auto)")  # fmt: skip
+                        "natively, else float32, exactly as the served handler does; int8 only with engine "
+                        "onnxruntime-int8 (default: auto)")  # fmt: skip
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="what runs the forward pass: torch, onnxruntime (the checkpoint exported to ONNX now, as "
-                        "scripts/archive.sh does), or auto = the fastest for this hardware, as the handler "
-                        "decides (default: auto)")  # fmt: skip
+                        "scripts/archive.sh does), onnxruntime-int8 (an archive's int8 model, --onnx), or auto = "
+                        "the fastest for this hardware, as the handler decides (default: auto)")  # fmt: skip
     p.add_argument("--threads", type=int, help="intra-op threads (default: torch's; the server uses handler.threads)")
+    p.add_argument("--onnx", type=Path, help="the exported model an ONNX Runtime engine runs (e.g. an archive's "
+                   "model.onnx or model.int8.onnx; default for onnxruntime: export the checkpoint now)")  # fmt: skip
     return p
 
 
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         engine, meta = load_engine(args.checkpoint, args.engine, device=args.device, dtype=args.dtype,
-                                   threads=args.threads)  # fmt: skip
+                                   threads=args.threads, onnx_path=args.onnx)  # fmt: skip
         data = (
             validation_split(meta, args.data_root)
             if args.validation
