@@ -12,7 +12,6 @@ batch 1, 8 and 64 with one and all threads, one engine at a time. Writes REPORT.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.reporting import write_report
 from cifar3.checkpoint import load_checkpoint
 from cifar3.engine import OnnxRuntimeEngine, predict_probs
 from cifar3.export import export_checkpoint, quantize_int8
@@ -95,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "file_bytes": sizes,
         "speed": rows,
     }
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.report.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.report, report, markdown(report))
     return 0
 
 

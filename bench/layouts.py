@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from bench.benchmark import AVX2_ENV, DEFAULT_IMAGES, ROOT, load_image_bytes, machine, serve_torchserve
+from bench.reporting import write_report
 
 KEYS = {"workers": ("minWorkers",), "threads": ("handler", "threads"), "batch": ("batchSize",),
         "delay": ("maxBatchDelay",), "engine": ("handler", "engine")}  # fmt: skip
@@ -80,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_level": args.seconds,
         "layouts": results,
     }
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.report.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.report, report, markdown(report))
     return 0
 
 

@@ -109,6 +109,17 @@ def max_difference(checkpoint: str | Path, onnx_path: str | Path, images: torch.
     return max(float((together - expected).abs().max()), float((one_by_one - expected).abs().max()))
 
 
+@contextlib.contextmanager
+def staged(path: Path):
+    """A temporary file beside ``path``, for a model that is written only once verified: the caller moves
+    it into place with os.replace; whatever is left of it is removed on the way out."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cifar3.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path)
@@ -129,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no images to verify the export on in {folder}: pass --images DIR (a folder of images, "
               "e.g. the training data)", file=sys.stderr)  # fmt: skip
         return 2
-    tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
-    try:
+    with staged(args.out) as tmp:
         export_checkpoint(args.checkpoint, tmp)
         difference = max_difference(args.checkpoint, tmp, images)
         if difference > TOLERANCE:
@@ -140,8 +150,6 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)  # fmt: skip
             return 2
         os.replace(tmp, args.out)
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"onnx: {args.out} verified on {len(images)} images from {folder}: max probability difference "
           f"{difference:.1e} (limit {TOLERANCE:g})")  # fmt: skip
     return write_int8(args, meta, folder, images) if args.int8 else 0
@@ -150,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 def write_int8(args: argparse.Namespace, meta, folder: Path, images: torch.Tensor) -> int:
     """The --int8 model: quantized, checked against the float32 export on the verification images, written."""
     calibration = folder_images(folder, args.calibration, meta.image_size)
-    tmp = args.int8.with_name(f".{args.int8.name}.{os.getpid()}.tmp")
-    try:
+    with staged(args.int8) as tmp:
         quantize_int8(args.out, tmp, normalize(calibration, meta.mean, meta.std))
         agreement = int8_agreement(args.out, tmp, images, meta)
         if agreement < INT8_AGREEMENT:  # the float32 export stands; only the opt-in int8 engine is missing
@@ -160,8 +167,6 @@ def write_int8(args: argparse.Namespace, meta, folder: Path, images: torch.Tenso
                   "engine onnxruntime-int8 would run torch", file=sys.stderr)  # fmt: skip
             return 0
         os.replace(tmp, args.int8)
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"int8: {args.int8} calibrated on {len(calibration)} images; predicts what float32 does on "
           f"{agreement:.1%} of {len(images)} images")  # fmt: skip
     return 0
