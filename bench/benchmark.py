@@ -46,11 +46,11 @@ import requests
 import yaml
 
 from bench.loadgen import run_load
+from cifar3.hardware import AVX2_ENV
 from scripts.serve import Server, free_ports, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "cifar3" / "train"
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 # (engine, dtype) pairs measured in-process: what cifar3/engine.py can run on a CPU.
 ENGINE_VARIANTS = (
     ("torch", "float32"),

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from bench.benchmark import AVX2_ENV, DEFAULT_IMAGES, ROOT, load_image_bytes, machine, serve_torchserve
+from bench.benchmark import DEFAULT_IMAGES, ROOT, load_image_bytes, machine, serve_torchserve
 from bench.reporting import write_report
+from cifar3.hardware import AVX2_ENV
 
 KEYS = {"workers": ("minWorkers",), "threads": ("handler", "threads"), "batch": ("batchSize",),
         "delay": ("maxBatchDelay",), "engine": ("handler", "engine")}  # fmt: skip

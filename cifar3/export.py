@@ -64,7 +64,7 @@ def quantize_int8(onnx_path: str | Path, out: str | Path, calibration: torch.Ten
     class Batches(CalibrationDataReader):
         def get_next(self):
             batch = next(batches, None)
-            return None if batch is None else {ONNX_INPUT: batch.contiguous().numpy()}
+            return None if batch is None else {ONNX_INPUT: batch.numpy()}
 
     out = Path(out)
     prepared = out.with_name(f".{out.name}.pre.onnx")

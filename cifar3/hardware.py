@@ -8,6 +8,9 @@ import platform
 from pathlib import Path
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
+# An ordinary AVX2 CPU, emulated for PyTorch: set before torch is imported, it keeps torch's kernels (ATen's
+# and oneDNN's) at AVX2. ONNX Runtime has no such switch.
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def _cpuinfo() -> list[str]:

@@ -17,6 +17,7 @@ from synthetic import write_image_folder
 
 from cifar3.checkpoint import CheckpointError, ModelMeta, load_checkpoint, save_checkpoint
 from cifar3.classes import parse_classes
+from cifar3.hardware import AVX2_ENV
 from cifar3.inference import (
     calibrated_probs,
     fit_temperature,
@@ -365,7 +366,7 @@ def test_progressive_resizing_trains_small_inputs_first(image_folder):
 def test_bfloat16_autocast_only_where_native():
     """Under the AVX2 emulation (an ordinary CPU) training stays in float32 even on a CPU with AVX512-BF16."""
     code = "import torch; from cifar3.inference import native_bfloat16; print(native_bfloat16(torch.device('cpu')))"
-    emulated = run_cli(PYTHON, "-c", code, env={"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    emulated = run_cli(PYTHON, "-c", code, env=AVX2_ENV)
     assert emulated.returncode == 0, emulated.stderr
     assert emulated.stdout.strip() == "False"
     native = run_cli(PYTHON, "-c", code)

@@ -25,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+from cifar3.hardware import AVX2_ENV
+
 START_UP_S = 30.0
 PROBE = (
     "import json, sys, torch; from training.throughput import images_per_cpu_second as r; torch.set_num_threads(1); "
