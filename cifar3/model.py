@@ -4,8 +4,11 @@ torchvision's resnet18 with its stem adapted to 32x32 inputs. Variants differ on
 
 - ``resnet18_cifar``: 3x3 stride-1 convolution, no max-pool. Feature maps 32-16-8-4. The accurate
   one (GPU recipe); ~0.56 GFLOPs per image.
+- ``resnet18_pool``: 3x3 stride-1 convolution, then torchvision's 3x3 stride-2 max-pool. Feature maps
+  16-8-4-2 like ``resnet18_fast`` and the same cost to within a few percent (only the stem runs at 32x32),
+  but the stem sees every pixel: the CPU preset (docs/training.md, "Recipe choices").
 - ``resnet18_fast``: 3x3 stride-2 convolution, no max-pool. Feature maps 16-8-4-2, a quarter of the
-  compute: the CPU quick preset.
+  compute of ``resnet18_cifar``.
 - ``resnet18_imagenet``: torchvision's own 7x7 stride-2 stem with max-pool (8-4-2-1), the cheapest.
 
 The checkpoint records the variant, so whoever loads it rebuilds the same network.
@@ -27,6 +30,7 @@ IMAGENET_WEIGHTS = ResNet18_Weights.IMAGENET1K_V1
 # variant -> (stem stride, keep max-pool); None means torchvision's unchanged 7x7 stem.
 VARIANTS: dict[str, tuple[int, bool] | None] = {
     "resnet18_cifar": (1, False),
+    "resnet18_pool": (1, True),
     "resnet18_fast": (2, False),
     "resnet18_imagenet": None,
 }

@@ -249,7 +249,7 @@ def test_temperature_scaling_softens_overconfident_logits():
 
 def test_train_cli_smoke_writes_checkpoint_log_and_curves(tiny_checkpoint):
     _, meta = load_checkpoint(tiny_checkpoint)
-    assert meta.classes == CLASSES and meta.variant == "resnet18_fast" and meta.image_size == 32
+    assert meta.classes == CLASSES and meta.variant == "resnet18_pool" and meta.image_size == 32
     assert 0.0 <= meta.val_accuracy <= 1.0 and meta.temperature > 0 and meta.created
     assert meta.train_config["epochs"] == 2 and meta.train_config["preset"] == "cpu"
     records = [json.loads(line) for line in tiny_checkpoint.with_suffix(".log.jsonl").read_text().splitlines()]
