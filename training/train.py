@@ -90,6 +90,9 @@ PRESETS = {
                   low_res=24, low_res_until=0.5),
 }  # fmt: skip
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+# Recipe fields a command-line option of the same name (--batch-size for batch_size) overrides.
+OVERRIDES = ("variant", "epochs", "batch_size", "lr", "low_res", "low_res_until", "warmup", "crop_padding",
+             "label_smoothing")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -411,9 +414,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
 def train(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     preset = args.preset if args.preset != "auto" else ("gpu" if device.type == "cuda" else "cpu")
-    overrides = {"variant": args.variant, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                 "low_res": args.low_res, "low_res_until": args.low_res_until, "warmup": args.warmup,
-                 "crop_padding": args.crop_padding, "label_smoothing": args.label_smoothing}  # fmt: skip
+    overrides = {field: getattr(args, field) for field in OVERRIDES}
     recipe = Recipe(**{**asdict(PRESETS[preset]), **{k: v for k, v in overrides.items() if v is not None}})
     if args.epochs is not None or args.steps is not None:
         recipe.time_budget_s = None  # an explicit length wins
