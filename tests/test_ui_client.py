@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from ui.client import (
     ClientError,
     Config,
     Prediction,
+    RetryPolicy,
     normalize_url,
     parse_model_status,
     parse_prediction,
@@ -337,6 +339,111 @@ def test_server_state_of_a_fake_server(tmp_path):
         half = Cifar3Client(Config(fake.url, url, str(tmp_path / "k.json"), token="m-key")).server_state()
     assert half.reachable and half.model is None and not half.blocking  # predictions may still work
     assert half.problems[0].startswith(f"model state unknown: TorchServe is not reachable at {url}")
+
+
+# ---------------------------------------------------------------- retries, on a scripted server
+
+# TorchServe's own answers for a request whose worker stopped under it, or that found no worker (bodies as its
+# frontend writes them), and the handler's own error: the same statuses, another body.
+DIED = (500, {"code": 500, "type": "InternalServerException", "message": "Worker died."})
+KILLED = (507, {"code": 507, "type": "InternalServerException", "message": "Worker died."})
+SCALED_DOWN = (500, {"code": 500, "type": "InternalServerException", "message": "Worker scaled down."})
+NO_WORKER = (503, {"code": 503, "type": "ServiceUnavailableException", "message": 'Model "cifar3" has no worker'})
+OK = (200, ANSWER)
+FAST = RetryPolicy(attempts=4, attempt_timeout=0.5, backoff=0.02, backoff_max=0.1)
+
+
+class ScriptedServer(LoopbackServer):
+    """Answers the n-th POST as ``script[n]`` says (the last entry for every later one): (status, JSON body),
+    "close" (the connection is closed without an answer) or ("hang", seconds) (the answer never comes in time)."""
+
+    def __init__(self, *script):
+        self.script, self.times = list(script), []
+        scripted = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                scripted.times.append(time.monotonic())
+                step = scripted.script[min(len(scripted.times), len(scripted.script)) - 1]
+                if step == "close":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if step[0] == "hang":
+                    time.sleep(step[1])
+                    step = OK
+                content = json.dumps(step[1]).encode()
+                self.send_response(step[0])
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                with contextlib.suppress(ConnectionError):  # a client that gave up on this attempt
+                    self.wfile.write(content)
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(Handler)
+
+
+def scripted_client(server: ScriptedServer, tmp_path: Path, retry: RetryPolicy = FAST, timeout: float = 5.0):
+    config = Config(server.url, server.url, str(write_keys(tmp_path / "k.json", "good")), timeout=timeout)
+    return Cifar3Client(config, retry=retry)
+
+
+@pytest.mark.parametrize("gone", [DIED, KILLED, SCALED_DOWN, NO_WORKER, "close", ("hang", 2.0)])
+def test_a_request_whose_worker_is_gone_or_that_gets_no_answer_is_sent_again(tmp_path, gone):
+    with ScriptedServer(gone, gone, OK) as server:
+        client = scripted_client(server, tmp_path)
+        started = time.monotonic()
+        answer = client.post("predictions", b"x")
+        assert answer.status_code == 200 and len(server.times) == 3
+        assert len(answer.failed_attempts) == 2 and client.predict(b"x").pred_class == "ship"
+    pauses = [b - a for a, b in zip(server.times, server.times[1:], strict=False)][:2]
+    assert FAST.pause(0) <= pauses[0] and FAST.pause(1) <= pauses[1], pauses  # backoff between attempts
+    hang = gone[0] == "hang"
+    assert time.monotonic() - started < (2 * FAST.attempt_timeout + 1 if hang else 1.5)
+
+
+@pytest.mark.parametrize(
+    ("answer", "kind"),
+    [
+        ((400, {"error": "cannot decode the image", "code": 400}), "rejected"),  # the handler's own 4xx
+        ((500, {"error": "the model failed on this batch", "code": 500}), "server"),  # the handler's own 500
+        ((413, {"code": 413, "type": "TooLongFrameException", "message": "too large"}), "too_large"),
+        ((404, {"code": 404, "type": "ModelNotFoundException", "message": "Model not found"}), "not_found"),
+        ((500, {"code": 500, "type": "InternalServerException", "message": "Failed to get metadata"}), "server"),
+    ],
+)
+def test_answers_that_are_the_requests_own_are_not_retried(tmp_path, answer, kind):
+    with ScriptedServer(answer, OK) as server:
+        outcome = scripted_client(server, tmp_path).timed_predict("a.png", b"x")
+    assert len(server.times) == 1 and outcome.prediction is None and outcome.kind == kind, outcome
+
+
+def test_retries_stop_at_the_attempt_limit_with_the_last_answer(tmp_path):
+    with ScriptedServer(DIED) as server:
+        client = scripted_client(server, tmp_path)
+        answer = client.post("predictions", b"x")
+        assert answer.status_code == 500 and len(server.times) == FAST.attempts == len(answer.failed_attempts) + 1
+        with pytest.raises(ClientError, match="Worker died") as error:
+            client.predict(b"x")
+    assert error.value.kind == "server"
+
+
+@pytest.mark.parametrize("script", [[NO_WORKER], [("hang", 3.0)]])
+def test_retries_keep_the_total_deadline(tmp_path, script):
+    """However many attempts are left, the call ends when the client's timeout is spent."""
+    many = RetryPolicy(attempts=100, attempt_timeout=0.4, backoff=0.05, backoff_max=0.2)
+    with ScriptedServer(*script) as server:
+        client = scripted_client(server, tmp_path, retry=many, timeout=1.2)
+        started = time.monotonic()
+        outcome = client.timed_predict("a.png", b"x")
+        elapsed = time.monotonic() - started
+    assert outcome.prediction is None and 1.0 <= elapsed <= 1.6 and len(server.times) >= 2, (elapsed, server.times)
+    if script[0][0] == "hang":
+        assert outcome.kind == "timeout" and "attempts" in outcome.error
 
 
 # ---------------------------------------------------------------- the real TorchServe

@@ -12,19 +12,26 @@ Configuration comes from the environment of the process only:
   root (where ``scripts/serve.py start`` makes the server write it)
 - ``CIFAR3_TOKEN``          an inference key to send instead of the key file's. The management API
   (the sidebar's server state) still uses the key file's management key when the file is readable.
-- ``CIFAR3_TIMEOUT``        seconds to wait for one prediction, default 30
+- ``CIFAR3_TIMEOUT``        seconds one prediction or explanation may take, retries included, default 30
 - ``CIFAR3_UI_ALLOW_OVERRIDES`` ``1`` lets the page's visitors type other server URLs and an inference
   token (off by default; meant for a page only its owner can open).
 
 Credentials are bound to the configured servers: the key file's keys and ``CIFAR3_TOKEN`` are sent only
 to the origins (scheme, host, port) of the configured URLs, never to a URL typed later
 (:attr:`Config.key_origins`). A token typed with the URL (``typed_token``) is the only one sent there.
+
+Predictions and explanations are idempotent, and TorchServe loses a few of them whenever a worker stops under
+them (killed, or scaled down: docs/reliability.md): :meth:`Cifar3Client.post` sends one again when TorchServe
+says its worker is gone (:func:`worker_gone`) or no answer comes (connection refused or reset, nothing within
+:attr:`RetryPolicy.attempt_timeout`), with a growing pause, until ``CIFAR3_TIMEOUT`` is spent. 4xx answers and
+the handler's own errors are answers, never retried.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -36,7 +43,6 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "cifar3"
@@ -64,7 +70,10 @@ class ClientError(Exception):
 # ---------------------------------------------------------------- configuration
 
 
-TRANSIENT_STATUSES = (500, 503, 507)
+# TorchServe's own messages for a job whose worker stopped under it: the frontend's WorkerThread ends the batch in
+# flight with "Worker died." (HTTP 500, or 507 when the process was killed), and the jobs of a scaled-down worker
+# that it cannot hand to another one with "Worker scaled down." (docs/reliability.md cites the source lines).
+WORKER_GONE_MESSAGES = ("Worker died.", "Worker scaled down.")
 
 
 def origin(url: str) -> str:
@@ -165,30 +174,51 @@ def same_host(url_a: str, url_b: str) -> bool:
     return urlsplit(url_a).hostname == urlsplit(url_b).hostname
 
 
-def transient_retry(attempts: int = 1, after_no_answer: bool = False) -> Retry:
-    """Retry a GET or POST up to ``attempts`` times when TorchServe answers 500/503/507: a worker died or was
-    stopped under the request (killed, scaled down, restarted after a timeout); with ``after_no_answer`` also
-    when the connection broke before an answer. Predictions and explanations are idempotent; scaling (PUT) is
-    never retried."""
-    return Retry(
-        total=attempts,
-        connect=attempts,
-        read=attempts if after_no_answer else False,  # False: a read timeout stays a timeout, not retried
-        status=attempts,
-        status_forcelist=TRANSIENT_STATUSES,
-        allowed_methods=frozenset({"GET", "POST"}),
-        backoff_factor=0.1,
-        raise_on_status=False,
-        respect_retry_after_header=False,
-    )
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How :meth:`Cifar3Client.post` sends a prediction or explanation again; the client's ``timeout`` bounds
+    the whole (``CIFAR3_TIMEOUT``).
+
+    ``attempt_timeout`` is there because TorchServe 0.12 can lose a job without ever answering it (a worker
+    scaled down between taking it and sending it: docs/reliability.md): an attempt that has no answer by then
+    is abandoned and the request sent again. It is far above any answer of a working server (tens of ms).
+    urllib3's ``Retry`` cannot do this: it decides on the status alone (TorchServe's 500 "Worker died." and the
+    handler's own 500 error look alike) and restarts each attempt's timeout, so it cannot keep a deadline."""
+
+    attempts: int = 4  # at most, the first included
+    attempt_timeout: float = 3.0  # seconds one attempt waits for its answer
+    backoff: float = 0.1  # seconds before the first retry, doubled for each next one
+    backoff_max: float = 1.0
+
+    def pause(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (0 = the first)."""
+        return min(self.backoff_max, self.backoff * 2**retry)
 
 
-def new_session(pool_size: int = MAX_PARALLEL, retries: int = 1, after_no_answer: bool = False) -> requests.Session:
-    """A keep-alive session with enough pooled connections for the concurrent predictions, retrying as
-    transient_retry() says."""
+NO_RETRY = RetryPolicy(attempts=1, attempt_timeout=math.inf)  # one attempt, waiting as long as ``timeout``
+
+
+def worker_gone(response: requests.Response) -> bool:
+    """Whether TorchServe itself, not the handler, says that this request's worker stopped under it or that no
+    worker could take it, so that another attempt will be served: HTTP 500 or 507 with "Worker died." or
+    "Worker scaled down.", or 503 (no worker, job queue full). The handler's errors (``{"error": ..., "code":
+    ...}``, any status) and every 4xx are the request's own answer."""
+    if response.status_code not in (500, 503, 507):
+        return False
+    try:
+        payload = response.json()
+    except ValueError:
+        return False
+    if not isinstance(payload, dict) or "error" in payload:
+        return False
+    return response.status_code == 503 or payload.get("message") in WORKER_GONE_MESSAGES
+
+
+def new_session(pool_size: int = MAX_PARALLEL) -> requests.Session:
+    """A keep-alive session with enough pooled connections for the concurrent predictions. It retries nothing
+    itself: :meth:`Cifar3Client.post` decides (RetryPolicy)."""
     session = requests.Session()
-    retry = transient_retry(retries, after_no_answer)
-    adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=retry)
+    adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
@@ -218,10 +248,13 @@ def error_text(response: requests.Response) -> str:
 
 @dataclass(frozen=True)
 class Prediction:
-    """One answer of the model: the predicted class and every class's probability."""
+    """One answer of the model: the predicted class, every class's probability, and whether the image looks like
+    none of the classes (``unknown``, decided on ``unknown_score``; None from a server that does not say)."""
 
     pred_class: str
     probs: dict[str, float]
+    unknown: bool | None = None
+    unknown_score: float | None = None
 
     def ranked(self) -> list[tuple[str, float]]:
         """(class, probability) pairs, most probable first."""
@@ -241,9 +274,15 @@ def parse_prediction(payload: Any) -> Prediction:
     if not isinstance(probs, dict) or not probs:
         raise ValueError('"probs" must be a non-empty object of class: probability')
     try:
-        return Prediction(payload["pred_class"], {str(c): float(p) for c, p in probs.items()})
+        probs = {str(c): float(p) for c, p in probs.items()}
     except (TypeError, ValueError):
         raise ValueError('"probs" values must be numbers') from None
+    unknown, score = payload.get("unknown"), payload.get("unknown_score")
+    if unknown is not None and not isinstance(unknown, bool):
+        raise ValueError('"unknown" must be true or false')
+    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+        raise ValueError('"unknown_score" must be a number')
+    return Prediction(payload["pred_class"], probs, unknown, None if score is None else float(score))
 
 
 @dataclass(frozen=True)
@@ -369,11 +408,13 @@ class Cifar3Client:
 
     Keys come from the key file (read once, again whenever the server rejects one, then the request
     is retried once: the page survives a server restart or a key rotation) or from ``config.token``.
+    Predictions and explanations are sent again as ``retry`` says (:meth:`post`).
     """
 
-    def __init__(self, config: Config, session: requests.Session | None = None):
+    def __init__(self, config: Config, session: requests.Session | None = None, retry: RetryPolicy = RetryPolicy()):
         self.config = config.normalized()  # also binds the credentials to these URLs when nothing else did
         self.session = session or new_session()
+        self.retry = retry
         self._lock = threading.Lock()
         self._keys: dict[str, str] | None = None
         self._key_problem = ""
@@ -533,10 +574,41 @@ class Cifar3Client:
 
     def post(self, path: str, data: bytes, headers: dict[str, str] | None = None, timeout: float | None = None):
         """POST ``data`` to the inference API's ``/<path>/<model>`` with the inference token; the raw response
-        (for tooling that wants the status and body as they are)."""
+        (for tooling that wants the status and body as they are), or ClientError when none came.
+
+        Only for idempotent calls (predictions, explanations): an attempt that gets no answer (connection refused
+        or reset, nothing within ``retry.attempt_timeout``) or an answer for which :func:`worker_gone` holds is
+        sent again after ``retry.pause()``, at most ``retry.attempts`` times in all and only while ``timeout``
+        (default: the configured one) lasts; then the last answer is returned, or the last ClientError raised.
+        Both carry ``failed_attempts``: what each earlier attempt got."""
         url = f"{self.config.inference_url}/{path}/{self.config.model}"
         headers = {"Content-Type": "application/octet-stream", **(headers or {})}
-        return self._request("POST", url, "inference", timeout or self.config.timeout, data=data, headers=headers)
+        deadline = time.monotonic() + (timeout or self.config.timeout)
+        failed: list[str] = []
+        while True:
+            wait = round(max(min(self.retry.attempt_timeout, deadline - time.monotonic()), 0.001), 3)
+            try:
+                answer = self._request("POST", url, "inference", wait, data=data, headers=headers)
+            except ClientError as exc:
+                if exc.kind not in ("unreachable", "timeout"):
+                    raise
+                answer, failure = exc, f"{exc.kind} ({exc.message[:80]})"
+            else:
+                if not worker_gone(answer):
+                    answer.failed_attempts = tuple(failed)
+                    return answer
+                failure = f"HTTP {answer.status_code} {error_text(answer)}"
+            pause = self.retry.pause(len(failed))
+            if len(failed) + 1 >= self.retry.attempts or time.monotonic() + pause >= deadline:
+                answer.failed_attempts = tuple(failed)
+                if isinstance(answer, ClientError):
+                    if failed:
+                        answer.message += f" ({len(failed) + 1} attempts; before: {'; '.join(failed)})"
+                        answer.args = (answer.message,)
+                    raise answer
+                return answer
+            failed.append(failure)
+            time.sleep(pause)
 
     def server_state(self) -> ServerState:
         """Ping, the model's status and its metadata; never raises: failures land in ``problems``."""
@@ -574,7 +646,7 @@ class Cifar3Client:
 
     def predict(self, data: bytes, name: str = "image") -> Prediction:
         """The model's answer for one image's bytes, or ClientError saying why there is none."""
-        response = self.post("predictions", data)  # the session retries once after 500/503/507
+        response = self.post("predictions", data)  # sent again while TorchServe says its worker is gone
         if response.status_code == 200:
             try:
                 return parse_prediction(response.json())
