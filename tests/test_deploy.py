@@ -206,6 +206,12 @@ def test_inference_services_serve_the_layout(crd_schema):
     props = read_properties(DEPLOY / "kserve" / "config.properties")
     (version,) = json.loads(props["model_snapshot"])["models"]["cifar3"].values()
     assert int(model["resources"]["requests"]["cpu"]) == version["maxWorkers"] * worker_threads()
+    # KServe routes to TorchServe's inference port, which answers the Open Inference Protocol and its probes.
+    port = int(props["inference_address"].rsplit(":", 1)[1])
+    assert props["ts_open_inference_protocol"] == "true"
+    assert model["ports"] == [{"containerPort": port, "protocol": "TCP"}]
+    assert model["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": port}
+    assert model["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": port}
 
 
 def worker_threads() -> int:
@@ -274,6 +280,7 @@ def test_torchserve_deployment_is_sized_probed_and_reachable_as_configured():
     assert {k for k in docker.keys() | props.keys() if docker.get(k) != props.get(k)} == {
         "management_address",
         "disable_token_authorization",
+        "ts_open_inference_protocol",  # without a token only: TorchServe checks the inference key on /v2 too
     }
     # The image's command, with the mounted configuration.
     args = container["args"]
@@ -396,6 +403,8 @@ def test_deployment_command_serves_without_token_and_its_probes_pass(model_store
         inference = props["inference_address"]
         port = container["livenessProbe"]["httpGet"]["port"]
         assert port == "inference" and requests.get(f"{inference}/ping", timeout=10).status_code == 200
+        # The Open Inference Protocol's health route, switched on in the cluster's configuration.
+        assert requests.get(f"{inference}/v2/health/live", timeout=10).json() == {"live": True}
         image = io.BytesIO()
         Image.fromarray(class_images("ship", 1)[0]).save(image, format="PNG")
         answer = requests.post(f"{inference}/predictions/cifar3", data=image.getvalue(), timeout=60)

@@ -1,6 +1,7 @@
 """KServe's TorchServe runtime, on this machine: the layout scripts/kserve_layout.sh writes, served by a real
 TorchServe started with the runtime's own command line and TS_SERVICE_ENVELOPE, answering the Open Inference
-Protocol (v2) and KServe v1 bodies that KServe's wrapper forwards.
+Protocol (v2: health, server metadata and inference, driven by tritonclient's HTTP client as well as by plain
+requests) and KServe v1 bodies.
 
 The runtime's command comes from KServe's ClusterServingRuntime (../shared/k8s/kserve-torchserve-runtime.yaml).
 Only what cannot exist here is changed, in the test only: /mnt/models is the layout folder, and the ports are
@@ -20,15 +21,19 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 import requests
+import tritonclient.http as triton_http
 import yaml
 from conftest import ROOT, free_ports, run_cli
 from PIL import Image
 from synthetic import class_images
+from tritonclient.utils import InferenceServerException
 
 from cifar3.preprocessing import ImageDecodeError
 from handler.cifar3_handler import envelope_image_bytes
@@ -85,9 +90,11 @@ def test_layout_is_what_the_runtime_starts(layout, model_store):
         assert props[key].rsplit(":", 1)[1] == str(port), key
     annotations = yaml.safe_load(RUNTIME.read_text())["spec"]["annotations"]
     assert annotations["prometheus.kserve.io/port"] == "8082" and props["metrics_mode"] == "prometheus"
-    # Token authorization is off here only because nothing outside the pod reaches these two APIs.
+    # TorchServe answers the Open Inference Protocol itself, on the port the InferenceService routes to and
+    # probes; the management API stays inside the pod. No token: KServe's ingress and probes send none.
+    assert props["ts_open_inference_protocol"] == "true"
     assert props["disable_token_authorization"] == "true"
-    assert props["inference_address"].startswith("http://127.0.0.1:")
+    assert props["inference_address"] == "http://0.0.0.0:8085"
     assert props["management_address"].startswith("http://127.0.0.1:")
     assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
     assert props["enable_model_api"] == "false" and props["enable_envvars_config"] == "true"
@@ -158,8 +165,8 @@ class RuntimeServer:
         config = self.mount / "config" / "config.properties"
         props = read_properties(config)
         ports = free_ports(5)
-        for key, port in zip(PORT_KEYS, ports, strict=False):
-            props[key] = re.sub(r":\d+$", f":{port}", props[key])
+        for key, port in zip(PORT_KEYS, ports, strict=False):  # loopback here, whatever the pod listens on
+            props[key] = re.sub(r"://[^/]+$", f"://127.0.0.1:{port}", props[key])
         props["grpc_inference_port"], props["grpc_management_port"] = str(ports[3]), str(ports[4])
         props["model_store"] = props["model_store"].replace(MOUNT, str(self.mount))
         if batch_size is not None:
@@ -169,7 +176,7 @@ class RuntimeServer:
         config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         self.inference_url = props["inference_address"]
         self.management_url = props["management_address"]
-        self.metrics_url = props["metrics_address"].replace("0.0.0.0", "127.0.0.1")
+        self.metrics_url = props["metrics_address"]
         # Java's and the launcher's temporary files (pid file, worker sockets) in a short private folder.
         self.tmp = Path(tempfile.mkdtemp(prefix="ts-kserve-"))
         self.run_dir = folder / "run"
@@ -265,7 +272,9 @@ def v2_answers(response: requests.Response) -> list[dict]:
 
 
 def assert_answer(answer: dict) -> None:
-    assert set(answer) == {"pred_class", "probs"} and list(answer["probs"]) == CLASSES
+    # "unknown" and "unknown_score": the handler's verdict on images of none of the classes (ARCHITECTURE.md).
+    assert {"pred_class", "probs"} <= set(answer) <= {"pred_class", "probs", "unknown", "unknown_score"}
+    assert list(answer["probs"]) == CLASSES
     assert answer["pred_class"] == max(answer["probs"], key=answer["probs"].get)
     assert sum(answer["probs"].values()) == pytest.approx(1, abs=1e-5)
 
@@ -325,6 +334,93 @@ def test_v2_bad_input_gets_400_json_naming_the_input(v2_server):
         assert_bad_request(requests.post(url, json=body, timeout=60), *fragments)
     # The server goes on answering good requests.
     assert_answer(v2_answers(requests.post(url, json=v2_body(png(5)), timeout=60))[0])
+
+
+def triton_client(server: RuntimeServer) -> triton_http.InferenceServerClient:
+    """tritonclient's HTTP client for the server's inference API (it takes host:port, no scheme)."""
+    return triton_http.InferenceServerClient(url=urlsplit(server.inference_url).netloc, network_timeout=60)
+
+
+def triton_image(name: str, image: bytes) -> triton_http.InferInput:
+    """One image as one BYTES input of shape [1], base64 in the JSON body: TorchServe reads no binary extension."""
+    tensor = triton_http.InferInput(name, [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([b64(image)], dtype=np.object_), binary_data=False)
+    return tensor
+
+
+def triton_answers(result: triton_http.InferResult, names: list[str]) -> list[dict]:
+    return [json.loads(result.as_numpy(name)[0]) for name in names]
+
+
+@needs_runtime
+@pytest.mark.server
+def test_open_inference_protocol_client_sees_a_live_ready_server_that_classifies(v2_server):
+    """tritonclient's HTTP client, as a platform team would call a KServe v2 deployment: server live, ready and
+    metadata (TorchServe's OIP switch, on in the layout), then one BYTES input per image, each answered with
+    the class the image belongs to, alone and three in one request."""
+    client = triton_client(v2_server)
+    try:
+        assert client.is_server_live() is True
+        assert client.is_server_ready() is True
+        metadata = client.get_server_metadata()
+        assert metadata["name"] == "Torchserve" and metadata["version"] == version("torchserve")
+        images = {name: png_of(class_images(name, 1, seed=7)[0]) for name in CLASSES}
+        for name, image in images.items():
+            result = client.infer("cifar3", [triton_image("image", image)], request_id=f"req-{name}")
+            (answer,) = triton_answers(result, ["image"])
+            assert_answer(answer)
+            assert answer["pred_class"] == name, answer
+            assert result.get_response()["id"] == f"req-{name}"
+        names = [f"image-{i}" for i in range(len(CLASSES))]
+        together = client.infer("cifar3", [triton_image(n, images[c]) for n, c in zip(names, CLASSES, strict=True)])
+        assert [a["pred_class"] for a in triton_answers(together, names)] == CLASSES
+    finally:
+        client.close()
+
+
+@needs_runtime
+@pytest.mark.server
+def test_open_inference_protocol_client_gets_a_clear_error_for_bad_input(v2_server):
+    """A bad input is refused with HTTP 400 and the handler's message, naming the input. TorchServe 0.12 words
+    its error body {"code", "type", "message"} where the protocol says {"error": ...}, so tritonclient reports
+    that it could not decode the error and carries the server's body in its message (docs/deployment.md)."""
+    client = triton_client(v2_server)
+    wrong_type = triton_http.InferInput("image", [1, 3], "FP32")
+    wrong_type.set_data_from_numpy(np.zeros((1, 3), dtype=np.float32), binary_data=False)
+    cases = [
+        ([triton_image("image", b"not an image")], ["input 0"]),
+        ([triton_image("good", png(1)), triton_image("bad", b"GIF89a not really")], ["input 1"]),
+        ([wrong_type], ['"datatype": "BYTES"']),
+    ]
+    try:
+        for inputs, fragments in cases:
+            with pytest.raises(InferenceServerException) as caught:
+                client.infer("cifar3", inputs)
+            assert caught.value.status() == "400", caught.value
+            body = json.loads(caught.value.debug_details())
+            assert body["code"] == 400 and caught.value.debug_details() in caught.value.message()
+            for fragment in fragments:
+                assert fragment in body["message"], body
+        # The server goes on answering good requests.
+        assert_answer(triton_answers(client.infer("cifar3", [triton_image("image", png(5))]), ["image"])[0])
+    finally:
+        client.close()
+
+
+@needs_runtime
+@pytest.mark.server
+def test_open_inference_protocol_has_no_per_model_routes_over_http(v2_server):
+    """TorchServe 0.12 serves no /v2/models/<name>/ready nor /v2/models/<name> (model metadata) over HTTP: a
+    client must use server readiness. If this fails with a ready answer, TorchServe added them: use them in
+    the InferenceService's probes (docs/deployment.md)."""
+    client = triton_client(v2_server)
+    try:
+        assert client.is_model_ready("cifar3") is False  # HTTP 404
+        with pytest.raises(InferenceServerException) as caught:
+            client.get_model_metadata("cifar3")
+        assert caught.value.status() == "404"
+    finally:
+        client.close()
 
 
 @needs_runtime
