@@ -5,16 +5,20 @@
     .venv/bin/python scripts/serve.py predict plane.jpg
     .venv/bin/python scripts/serve.py explain plane.jpg --out overlay.png [--target ship]
     .venv/bin/python scripts/serve.py stop
+    .venv/bin/python scripts/serve.py tls-cert tls   # tls/cert.pem + tls/key.pem for an https:// config
 
 Run state lives in ``run/`` (git-ignored): TorchServe starts there, so ``run/key_file.json`` holds
 the tokens (mode 600), ``run/logs/`` the logs, ``run/tmp/`` the pid file. ``--config`` and
-``--run-dir`` let tests run servers of their own on other ports.
+``--run-dir`` let tests run servers of their own on other ports. With ``https://`` addresses in the config,
+the certificate is verified against ``CIFAR3_CA_BUNDLE`` (docs/serving.md, "HTTPS").
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import ipaddress
 import json
 import os
 import re
@@ -24,13 +28,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import requests
 
-from ui.client import Cifar3Client, ClientError, Config, overlay_heatmap, read_key_file
+from ui.client import Cifar3Client, ClientError, Config, ca_bundle_from_env, overlay_heatmap, read_key_file
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config.properties"
@@ -78,9 +83,15 @@ class Server:
         self._log_offset: int | None = None  # where this object's start() began in ts_log.log
         self.killed_on_stop: list[int] = []  # worker pids the last stop() had to kill (Java left them)
         props = read_properties(self.config)
-        self.inference_url = props.get("inference_address", "http://127.0.0.1:8080")
-        self.management_url = props.get("management_address", "http://127.0.0.1:8081")
-        self.metrics_url = props.get("metrics_address", "http://127.0.0.1:8082")
+
+        def reachable(address: str) -> str:
+            # A server on every interface (0.0.0.0, in a container) is asked on loopback: the name an https://
+            # certificate can carry (tls-cert's 127.0.0.1), where 0.0.0.0 is no host name at all.
+            return address.replace("://0.0.0.0:", "://127.0.0.1:")
+
+        self.inference_url = reachable(props.get("inference_address", "http://127.0.0.1:8080"))
+        self.management_url = reachable(props.get("management_address", "http://127.0.0.1:8081"))
+        self.metrics_url = reachable(props.get("metrics_address", "http://127.0.0.1:8082"))
         store = Path(props.get("model_store", "model_store"))
         self.model_store = store if store.is_absolute() else (self.config.parent / store).resolve()
 
@@ -119,9 +130,16 @@ class Server:
         ]
 
     def client(self, timeout: float = 60.0) -> Cifar3Client:
-        """The project's HTTP client for this server, with its key file."""
+        """The project's HTTP client for this server, with its key file and CIFAR3_CA_BUNDLE for https://."""
         return Cifar3Client(
-            Config(self.inference_url, self.management_url, str(self.key_file), timeout=timeout, model=self.model)
+            Config(
+                self.inference_url,
+                self.management_url,
+                str(self.key_file),
+                timeout=timeout,
+                model=self.model,
+                ca_bundle=ca_bundle_from_env(os.environ),
+            )
         )
 
     def headers(self, api: str = "inference") -> dict[str, str]:
@@ -370,14 +388,15 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def write_server_config(folder: Path, model_store: Path, **overrides: str) -> Path:
-    """The repository's config.properties with free loopback ports (all five APIs) and the given model store."""
+def write_server_config(folder: Path, model_store: Path, scheme: str = "http", **overrides: str) -> Path:
+    """The repository's config.properties with free loopback ports (all five APIs) and the given model store;
+    ``scheme="https"`` with ``certificate_file`` and ``private_key_file`` in ``overrides`` for TLS."""
     inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
     props = read_properties(DEFAULT_CONFIG)
     props.update(
-        inference_address=f"http://127.0.0.1:{inference}",
-        management_address=f"http://127.0.0.1:{management}",
-        metrics_address=f"http://127.0.0.1:{metrics}",
+        inference_address=f"{scheme}://127.0.0.1:{inference}",
+        management_address=f"{scheme}://127.0.0.1:{management}",
+        metrics_address=f"{scheme}://127.0.0.1:{metrics}",
         grpc_inference_port=str(grpc_inference),
         grpc_management_port=str(grpc_management),
         model_store=str(model_store),
@@ -389,16 +408,86 @@ def write_server_config(folder: Path, model_store: Path, **overrides: str) -> Pa
     return path
 
 
-def start_server(folder: Path, model_store: Path, timeout: float = 240.0, **overrides: str) -> Server:
+def start_server(
+    folder: Path, model_store: Path, timeout: float = 240.0, scheme: str = "http", **overrides: str
+) -> Server:
     """A started Server of our own in ``folder`` (write_server_config's free ports); stopped again if it
     does not become READY, so a failed start leaves no Java behind."""
-    server = Server(write_server_config(folder, model_store, **overrides), folder / "run")
+    server = Server(write_server_config(folder, model_store, scheme, **overrides), folder / "run")
     try:
         server.start(timeout=timeout)
     except BaseException:
         server.stop()
         raise
     return server
+
+
+def write_tls_certificate(
+    folder: Path, hosts: Sequence[str] = (), days: int = 365, force: bool = False
+) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost, 127.0.0.1 and ``hosts`` and its RSA key, PEM, in ``folder``:
+    cert.pem (TorchServe's certificate_file, and the CA bundle clients verify it with) and key.pem
+    (private_key_file: unencrypted PKCS#8, the form TorchServe 0.12 reads, mode 600). Returns both paths."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    existing = [str(p) for p in (cert_path, key_path) if p.exists()]
+    if existing and not force:
+        raise ServerError(f"{' and '.join(existing)} exist: a running server may use them (--force replaces them)")
+    names = list(dict.fromkeys(["localhost", "127.0.0.1", *hosts]))
+    alt_names: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            alt_names.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alt_names.append(x509.DNSName(name))
+    # RSA: TorchServe 0.12 offers only ECDHE-RSA cipher suites and reads the key with Java's RSA KeyFactory.
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cifar3 TorchServe")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))  # tolerate a client clock slightly behind
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        # Its own issuer: clients trust it by naming this file as their CA bundle, so it is marked a CA.
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=True,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    # Created 600 (never readable by others, not even for a moment), and made 600 if it existed.
+    descriptor = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as out:
+        out.write(key_pem)
+    key_path.chmod(0o600)
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
 
 
 def _alive(pid: int) -> bool:
@@ -428,9 +517,25 @@ def main(argv: list[str] | None = None) -> int:
     explain.add_argument("--out", type=Path, required=True, help="overlay picture to write (PNG)")
     explain.add_argument("--target", help="class to explain (default: the predicted one)")
     explain.add_argument("--size", type=int, default=256, help="overlay side in pixels (default: 256)")
+    tls = sub.add_parser("tls-cert", help="write a self-signed certificate and key for https:// addresses")
+    tls.add_argument("dir", type=Path, help="folder for cert.pem and key.pem")
+    tls.add_argument("--host", action="append", default=[], help="another name or address it is for (repeatable)")
+    tls.add_argument("--days", type=int, default=365, help="days it stays valid (default: 365)")
+    tls.add_argument("--force", action="store_true", help="replace an existing cert.pem / key.pem")
     args = parser.parse_args(argv)
-    server = Server(args.config, args.run_dir)
     try:
+        if args.command == "tls-cert":
+            cert, key = write_tls_certificate(args.dir, args.host, args.days, args.force)
+            print(
+                f"wrote {cert.resolve()} (self-signed, for {', '.join(['localhost', '127.0.0.1', *args.host])}; "
+                f"{args.days} days)\n"
+                f"  and {key.resolve()} (its private key, mode 600)\n"
+                f"  config.properties: https:// addresses, certificate_file={cert.resolve()}, "
+                f"private_key_file={key.resolve()}\n"
+                f"  clients:           export CIFAR3_CA_BUNDLE={cert.resolve()}   (curl --cacert {cert.resolve()})"
+            )
+            return 0
+        server = Server(args.config, args.run_dir)
         if args.command == "start":
             started = time.monotonic()
             server.start(args.timeout)

@@ -15,6 +15,9 @@ Configuration comes from the environment of the process only:
 - ``CIFAR3_TIMEOUT``        seconds one prediction or explanation may take, retries included, default 30
 - ``CIFAR3_UI_ALLOW_OVERRIDES`` ``1`` lets the page's visitors type other server URLs and an inference
   token (off by default; meant for a page only its owner can open).
+- ``CIFAR3_CA_BUNDLE``      PEM file of the certificates that an ``https://`` server's certificate must chain
+  to (e.g. the one ``scripts/serve.py tls-cert`` writes); unset: requests' own CA bundle. Certificates are
+  always verified.
 
 Credentials are bound to the configured servers: the key file's keys and ``CIFAR3_TOKEN`` are sent only
 to the origins (scheme, host, port) of the configured URLs, never to a URL typed later
@@ -32,6 +35,8 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
+import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -55,11 +60,13 @@ MAX_PARALLEL = 8  # images in flight at once; TorchServe batches them on its sid
 IMAGE_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 START_HINT = "start it with `.venv/bin/python scripts/serve.py start`"
 INVALID_KEY = "InvalidKeyException"
+# TorchServe's 403 to a plain-HTTP request on a port configured for TLS.
+HTTPS_ONLY = "only accepts HTTPS requests"
 APIS = ("inference", "management")
 
 
 class ClientError(Exception):
-    """A failure to show the user. ``kind`` is one of: config, unreachable, timeout, token,
+    """A failure to show the user. ``kind`` is one of: config, unreachable, timeout, token, tls,
     not_found, rejected, too_large, server, bad_answer."""
 
     def __init__(self, message: str, kind: str):
@@ -95,6 +102,28 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def _tls_reason(exc: Exception) -> str:
+    """OpenSSL's reason from a requests SSLError, e.g. 'certificate verify failed: self-signed certificate'."""
+    found = re.search(r"\[SSL[^\]]*\] ([^(]+?)\s*\(_ssl", str(exc))
+    return found.group(1) if found else exc.__class__.__name__
+
+
+def ca_bundle_from_env(env: Mapping[str, str]) -> str:
+    """CIFAR3_CA_BUNDLE as an absolute path ("" when unset), or ClientError when it names no readable file:
+    requests would otherwise fail every HTTPS request with a message about its own bundle."""
+    value = env.get("CIFAR3_CA_BUNDLE", "").strip()
+    if not value:
+        return ""
+    path = Path(value).expanduser().resolve()
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ClientError(
+            f"CIFAR3_CA_BUNDLE={value!r} is not a readable PEM file: point it at the server's certificate "
+            "(scripts/serve.py tls-cert DIR writes DIR/cert.pem) or its CA, or unset it",
+            "config",
+        )
+    return str(path)
+
+
 @dataclass(frozen=True)
 class Config:
     """Where the server is and how to authenticate; hashable, so the page can cache per config."""
@@ -110,6 +139,7 @@ class Config:
     key_origins: tuple[str, ...] = ()
     typed_token: str = ""  # an inference key typed with an overriding URL: sent to whatever URL is set
     allow_overrides: bool = False  # whether the page offers URL/token fields (CIFAR3_UI_ALLOW_OVERRIDES)
+    ca_bundle: str = ""  # PEM file https:// servers are verified against (CIFAR3_CA_BUNDLE); "": requests' own
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
@@ -128,6 +158,7 @@ class Config:
             token=env.get("CIFAR3_TOKEN", ""),
             timeout=seconds,
             allow_overrides=env.get("CIFAR3_UI_ALLOW_OVERRIDES", "").strip().lower() in ("1", "true", "yes"),
+            ca_bundle=ca_bundle_from_env(env),
         ).normalized()
 
     def normalized(self) -> Config:
@@ -486,7 +517,23 @@ class Cifar3Client:
             headers["Authorization"] = f"Bearer {key}"
         where = "{0.scheme}://{0.netloc}".format(urlsplit(url))
         try:
-            return self.session.request(method, url, headers=headers, timeout=timeout, **kwargs)
+            # verify: the configured CA bundle, else requests' own; never off.
+            verify = self.config.ca_bundle or True
+            response = self.session.request(method, url, headers=headers, timeout=timeout, verify=verify, **kwargs)
+            if response.status_code == 403 and HTTPS_ONLY in response.text[:500]:
+                raise ClientError(
+                    f"TorchServe at {where} answers HTTPS only: use https:// in CIFAR3_INFERENCE_URL / "
+                    "CIFAR3_MANAGEMENT_URL, and CIFAR3_CA_BUNDLE for its certificate",
+                    "config",
+                )
+            return response
+        except requests.exceptions.SSLError as exc:  # before ConnectionError, its base: retrying cannot help
+            bundle = f"CIFAR3_CA_BUNDLE ({self.config.ca_bundle})" if self.config.ca_bundle else "the default CAs"
+            raise ClientError(
+                f"TLS with {where} failed: its certificate is not one {bundle} vouches for, or it does not name "
+                f"that host ({_tls_reason(exc)}); set CIFAR3_CA_BUNDLE to the server's certificate or CA",
+                "tls",
+            ) from None
         except requests.ConnectTimeout:
             raise ClientError(
                 f"TorchServe at {where} did not accept a connection within {timeout:g}s: "
