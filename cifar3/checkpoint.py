@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cifar3.model import build_model
+from cifar3.unknown import extra_outputs
 
 FORMAT_VERSION = 1
 
@@ -34,6 +35,14 @@ class ModelMeta:
     epoch: int | None = None
     created: str = ""  # ISO 8601, UTC
     train_config: dict = field(default_factory=dict)
+    # How answers decide "unknown" (cifar3/unknown.py): score, threshold and the validation figures behind it.
+    # Empty in checkpoints written before unknown images were handled: they load and answer the post-hoc score.
+    unknown: dict = field(default_factory=dict)
+
+    @property
+    def num_outputs(self) -> int:
+        """The network's outputs: one per class, plus the other-class output of a model trained with unknowns."""
+        return len(self.classes) + extra_outputs(self.unknown)
 
 
 class CheckpointError(RuntimeError):
@@ -72,6 +81,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a cifar3 checkpoint (format {FORMAT_VERSION} expected)")
     meta = ModelMeta(**payload["meta"])
-    model = build_model(meta.variant, len(meta.classes))
+    model = build_model(meta.variant, meta.num_outputs)
     model.load_state_dict(payload["state_dict"])
     return model.to(device).eval(), meta

@@ -29,13 +29,13 @@ from cifar3.checkpoint import ModelMeta, load_checkpoint
 from cifar3.inference import (
     DTYPES,
     as_model_input,
-    calibrated_probs,
     dtype_name,
     inference_dtype,
     native_bfloat16,
     prepare_for_inference,
 )
 from cifar3.preprocessing import normalize
+from cifar3.unknown import split_scores
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def choose_engine(requested: str, device: torch.device, dtype: str = "auto") -> 
 
 
 class Engine:
-    """Normalized float32 N x 3 x H x W batch -> float32 N x C logits on CPU."""
+    """Normalized float32 N x 3 x H x W batch -> float32 logits on CPU, N x outputs (ModelMeta.num_outputs)."""
 
     name: str
     dtype: torch.dtype
@@ -181,11 +181,19 @@ def load_engine(
     return TorchEngine(model, choice.dtype), meta
 
 
-def predict_probs(engine: Engine, meta: ModelMeta, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """uint8 N x 3 x H x W images -> calibrated float32 N x C probabilities, ``batch_size`` at a time."""
+def predict_scores(
+    engine: Engine, meta: ModelMeta, images: torch.Tensor, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 N x 3 x H x W images -> (calibrated float32 N x C probabilities, N unknown scores), ``batch_size``
+    at a time."""
     outputs = [
         engine(normalize(images[start : start + batch_size], meta.mean, meta.std))
         for start in range(0, len(images), batch_size)
     ]
-    logits = torch.cat(outputs) if outputs else torch.empty(0, len(meta.classes))
-    return calibrated_probs(logits, meta.temperature)
+    logits = torch.cat(outputs) if outputs else torch.empty(0, meta.num_outputs)
+    return split_scores(logits, len(meta.classes), meta.temperature, meta.unknown)
+
+
+def predict_probs(engine: Engine, meta: ModelMeta, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """uint8 N x 3 x H x W images -> calibrated float32 N x C probabilities, ``batch_size`` at a time."""
+    return predict_scores(engine, meta, images, batch_size)[0]

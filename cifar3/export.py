@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 
 from cifar3.checkpoint import CheckpointError, load_checkpoint
-from cifar3.engine import ONNX_INPUT, ONNX_OUTPUT, OnnxRuntimeEngine, predict_probs
-from cifar3.inference import calibrated_probs, predict_logits
+from cifar3.engine import ONNX_INPUT, ONNX_OUTPUT, OnnxRuntimeEngine, predict_probs, predict_scores
+from cifar3.inference import predict_logits
 from cifar3.preprocessing import ImageDecodeError, decode_image, normalize, pil_to_uint8
+from cifar3.unknown import split_scores
 
-TOLERANCE = 1e-4  # largest difference in any calibrated probability the export may make
+TOLERANCE = 1e-4  # largest difference in any calibrated probability or unknown score the export may make
 INT8_AGREEMENT = 0.98  # least share of the images on which the int8 model must predict what float32 does
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -99,14 +100,19 @@ def folder_images(folder: Path, count: int, image_size: int) -> torch.Tensor | N
 
 
 def max_difference(checkpoint: str | Path, onnx_path: str | Path, images: torch.Tensor) -> float:
-    """Largest |p_onnx - p_torch| over every image and class: the whole batch at once, and image by image
-    (the second run proves the batch axis is dynamic and that batching changes nothing)."""
+    """Largest difference between ONNX Runtime and PyTorch over every image, in any calibrated probability and
+    in the unknown score: the whole batch at once, and image by image (the second run proves the batch axis is
+    dynamic and that batching changes nothing)."""
     model, meta = load_checkpoint(checkpoint)  # the network as trained, BatchNorm unfolded: the source of truth
-    expected = calibrated_probs(predict_logits(model, images, meta.mean, meta.std), meta.temperature)
+    logits = predict_logits(model, images, meta.mean, meta.std)
+    probs, scores = split_scores(logits, len(meta.classes), meta.temperature, meta.unknown)
+    expected = torch.cat([probs, scores.unsqueeze(1)], 1)
     onnx = OnnxRuntimeEngine(onnx_path, threads=torch.get_num_threads())
-    together = predict_probs(onnx, meta, images)
-    one_by_one = predict_probs(onnx, meta, images, batch_size=1)
-    return max(float((together - expected).abs().max()), float((one_by_one - expected).abs().max()))
+    differences = []
+    for batch_size in (256, 1):
+        probs, scores = predict_scores(onnx, meta, images, batch_size=batch_size)
+        differences.append(float((torch.cat([probs, scores.unsqueeze(1)], 1) - expected).abs().max()))
+    return max(differences)
 
 
 @contextlib.contextmanager

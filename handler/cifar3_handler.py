@@ -1,8 +1,10 @@
-"""TorchServe handler for cifar3: image bytes in, {"pred_class", "probs"} out, per request of a batch.
+"""TorchServe handler for cifar3: image bytes in, {"pred_class", "probs", "unknown", "unknown_score"} out, per request.
 
 A thin adapter. The model, its preprocessing, the inference engine and the calibrated probabilities come
 from the serving core (the ``cifar3`` package) that scripts/archive.sh packs into the .mar beside this file;
-every constant (classes, image size, mean/std, temperature) is read from the checkpoint's metadata.
+every constant (classes, image size, mean/std, temperature, the unknown-image threshold) is read from the
+checkpoint's metadata. ``unknown`` says the image looks like none of the classes (cifar3/unknown.py): its
+``unknown_score`` is above the checkpoint's threshold, or ``handler.unknown_threshold`` in model-config.yaml.
 
 Accepted request forms: a raw body (``curl -T img.jpg`` / ``--data-binary @img.jpg``), a multipart
 form field ``data`` or ``file``, or a JSON body ``{"data": "<base64 image>"}``. A request that is not
@@ -36,8 +38,8 @@ from ts.utils.util import PredictionException
 
 from cifar3.checkpoint import load_checkpoint
 from cifar3.engine import ONNX_FILE, ONNX_FILES, load_engine
-from cifar3.inference import calibrated_probs
 from cifar3.preprocessing import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, eval_transform
+from cifar3.unknown import decision, split_scores
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +151,9 @@ class Cifar3Handler(BaseHandler):
             onnx_path=os.path.join(model_dir, ONNX_FILES.get(self.requested_engine, ONNX_FILE)),
         )
         self.max_pixels = int(options.get("max_image_pixels", MAX_IMAGE_PIXELS))
+        self.unknown_rule = decision(self.meta.unknown, options.get("unknown_threshold"))
+        # KServe's TorchServe runtime sets the envelope for the whole process; read once, not per batch.
+        self.envelope = os.environ.get("TS_SERVICE_ENVELOPE", "")
         # One forward pass now, so the first real request does not pay for lazy initialisation.
         self.inference(torch.zeros(1, 3, self.meta.image_size, self.meta.image_size))
         self.initialized = True
@@ -177,26 +182,31 @@ class Cifar3Handler(BaseHandler):
         return batch, errors
 
     def inference(self, data, *args, **kwargs):
-        return calibrated_probs(self.engine(data), self.meta.temperature)
+        """(calibrated N x C class probabilities, N unknown scores) of a normalized batch."""
+        return split_scores(self.engine(data), len(self.meta.classes), self.meta.temperature, self.meta.unknown)
 
     def postprocess(self, data):
-        classes = self.meta.classes
+        classes, rule = self.meta.classes, self.unknown_rule
+        probs, scores = data
         return [
             {
                 "pred_class": classes[int(row.argmax())],
-                "probs": {c: float(p) for c, p in zip(classes, row.tolist(), strict=False)},
+                "probs": {c: float(p) for c, p in zip(classes, row.tolist(), strict=True)},
+                "unknown": rule.is_unknown(score),
+                "unknown_score": round(score, 6),
             }
-            for row in data
+            for row, score in zip(probs, scores.tolist(), strict=True)
         ]
 
     def handle(self, data, context):
+        """One answer per request of the batch. Overrides BaseHandler.handle, which fails the whole batch on any
+        exception, so that a bad image or a failed explanation costs only its own request."""
         started = time.perf_counter()
         self.context = context
         if self._is_describe():
             return [self.describe_handle()]
-        envelope = os.environ.get("TS_SERVICE_ENVELOPE", "")
-        if envelope in KSERVE_ENVELOPES:
-            return self.handle_kserve(data, context, envelope)
+        if self.envelope in KSERVE_ENVELOPES:
+            return self.handle_kserve(data, context, self.envelope)
         batch, errors = self.preprocess(data)
         decoded = [idx for idx in range(len(data)) if idx not in errors]
         answers = dict(zip(decoded, self.postprocess(self.inference(batch)) if batch is not None else [], strict=True))
@@ -309,5 +319,7 @@ class Cifar3Handler(BaseHandler):
                 **self.engine.describe(),
                 "engine_requested": self.requested_engine,
                 "max_image_pixels": self.max_pixels,
+                # how "unknown" is decided: score, threshold in use and its source, the validation figures
+                "unknown": self.unknown_rule.describe(meta.unknown),
             }
         )

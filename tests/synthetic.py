@@ -17,12 +17,14 @@ from PIL import Image
 from cifar3.classes import CIFAR10_CLASSES
 
 COLOURS = {"airplane": (40, 90, 220), "automobile": (220, 40, 40), "ship": (40, 200, 60)}
+# Images that are none of the classes: colours no class has (CIFAR-10's other classes default to grey below).
+UNKNOWN_COLOURS = {"grey": (128, 128, 128), "yellow": (210, 200, 40)}
 
 
 def class_images(name: str, count: int, seed: int = 0, size: int = 32) -> np.ndarray:
     """uint8 count x size x size x 3 images of the class's colour with noise."""
     rng = np.random.default_rng(zlib.crc32(f"{name}:{seed}".encode()))
-    base = np.array(COLOURS.get(name, (128, 128, 128)), dtype=np.float32)
+    base = np.array(COLOURS.get(name, UNKNOWN_COLOURS.get(name, (128, 128, 128))), dtype=np.float32)
     noise = rng.normal(0, 40, size=(count, size, size, 3))
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
@@ -33,6 +35,16 @@ def write_image_folder(root: Path, per_class: int = 40, classes=tuple(COLOURS), 
         folder.mkdir(parents=True, exist_ok=True)
         for i, pixels in enumerate(class_images(name, per_class)):
             Image.fromarray(pixels).save(folder / f"{i:04d}.{fmt}")
+    return root
+
+
+def write_unknown_folder(root: Path, per_source: int = 40) -> Path:
+    """Unknown images in nested sub-folders (any layout is allowed): root/<source>/more/NNNN.png."""
+    for name in UNKNOWN_COLOURS:
+        folder = root / name / "more"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, pixels in enumerate(class_images(name, per_source, seed=7)):
+            Image.fromarray(pixels).save(folder / f"{i:04d}.png")
     return root
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -47,9 +48,10 @@ def probe(seconds: float) -> dict:
 
 
 def run(minutes: float, cpu_budget_s: float, args: argparse.Namespace) -> dict:
-    out = args.checkpoints / f"budget-avx2-{minutes:g}min.pt"
+    out = args.checkpoints / f"{args.name}-{minutes:g}min.pt"
     command = [sys.executable, "-m", "training.train", "--data", args.data, "--out", str(out), "--threads", "1",
-               "--budget-clock", "cpu", "--time-budget", f"{cpu_budget_s:.1f}", "--seed", str(args.seed)]  # fmt: skip
+               "--budget-clock", "cpu", "--time-budget", f"{cpu_budget_s:.1f}", "--seed", str(args.seed),
+               *shlex.split(args.train_args)]  # fmt: skip
     load_before = os.getloadavg()[0]
     done = emulated(command)
     if done.returncode:
@@ -99,10 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     p.add_argument("--probe-seconds", type=float, default=20.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-args", default="", help="more training.train options, e.g. '--unknown-data DIR'")
+    p.add_argument("--name", default="budget-avx2", help="checkpoints are CHECKPOINTS/NAME-<N>min.pt")
+    p.add_argument("--scale", type=float, help="CPU-seconds per wall second of the ordinary machine; default: probe")
     p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
     p.add_argument("--report", type=Path, default=Path("reports/training/budget/budget"))
     args = p.parse_args(argv)
-    measured = probe(args.probe_seconds)
+    measured = probe(args.probe_seconds) if args.scale is None else {"rate": args.reference / args.scale,
+                                                                       "capability": "given by --scale"}  # fmt: skip
     scale = args.reference / measured["rate"]
     print(f"probe: {measured['rate']:.1f} images per CPU-second ({measured['capability']}); scale {scale:.3f}",
           flush=True)  # fmt: skip

@@ -38,6 +38,7 @@ class Dataset:
     labels: torch.Tensor  # int64, N; index into the class list
     source: str
     paths: list[str] | None = None  # per image, for image folders
+    sources: list[str] | None = None  # unknown images (training/unknowns.py): label i is sources[i], not a class
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -153,7 +154,7 @@ def limit_per_class(data: Dataset, limit: int | None, seed: int) -> Dataset:
 
 def _subset(data: Dataset, idx: torch.Tensor) -> Dataset:
     paths = [data.paths[i] for i in idx.tolist()] if data.paths else None
-    return Dataset(data.images[idx], data.labels[idx], data.source, paths)
+    return Dataset(data.images[idx], data.labels[idx], data.source, paths, data.sources)
 
 
 def stratified_split(data: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:

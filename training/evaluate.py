@@ -25,10 +25,12 @@ import torch
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
 from cifar3.checkpoint import CheckpointError, ModelMeta
-from cifar3.engine import ENGINES, Engine, load_engine, predict_probs
+from cifar3.engine import ENGINES, Engine, load_engine, predict_scores
 from cifar3.hardware import describe_machine
 from cifar3.inference import DTYPES
+from cifar3.unknown import decision
 from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, limit_per_class, load_split, stratified_split
+from training.unknowns import load_unknowns, rejection_figures
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
@@ -58,9 +60,13 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
     plt.close(fig)
 
 
-def evaluate(engine: Engine, meta: ModelMeta, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict, np.ndarray]:
-    """(metrics, calibrated probabilities N x C) for uint8 images with labels in meta.classes order."""
-    probs = predict_probs(engine, meta, images).numpy()
+def evaluate(
+    engine: Engine, meta: ModelMeta, images: torch.Tensor, labels: torch.Tensor, unknown: Dataset | None = None
+) -> tuple[dict, np.ndarray]:
+    """(metrics, calibrated probabilities N x C) for uint8 images with labels in meta.classes order; with
+    ``unknown`` images (labels: their source), also how well the stored threshold tells them apart."""
+    probs, scores = predict_scores(engine, meta, images)
+    probs = probs.numpy()
     y_true, y_pred = labels.numpy(), probs.argmax(1)
     label_ids = list(range(len(meta.classes)))
     report = classification_report(
@@ -81,8 +87,27 @@ def evaluate(engine: Engine, meta: ModelMeta, images: torch.Tensor, labels: torc
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=label_ids).tolist(),
         "temperature": meta.temperature,
         "variant": meta.variant,
+        "unknown": unknown_metrics(engine, meta, scores, unknown),
     }
     return metrics, probs
+
+
+def unknown_metrics(engine: Engine, meta: ModelMeta, known_scores: torch.Tensor, unknown: Dataset | None) -> dict:
+    """The stored decision's figures: known images accepted; with unknown images, the share rejected and the AUROC,
+    over all of them and per source (the top-level folder, or the CIFAR class)."""
+    rule = decision(meta.unknown)
+    figures = {"score": rule.score, "threshold": rule.threshold, "method": meta.unknown.get("method", "post-hoc")}
+    figures |= rejection_figures(known_scores, None, rule.threshold)
+    if unknown is None:
+        return figures
+    scores = predict_scores(engine, meta, unknown.images)[1]
+    figures |= {"data": unknown.source, "n": len(scores), **rejection_figures(known_scores, scores, rule.threshold)}
+    figures["per_source"] = {
+        name: {"n": int((unknown.labels == i).sum()),
+               **rejection_figures(known_scores, scores[unknown.labels == i], rule.threshold)}
+        for i, name in enumerate(unknown.sources or ["."])
+    }  # fmt: skip
+    return figures
 
 
 def validation_split(meta: ModelMeta, data_root: Path) -> Dataset:
@@ -106,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate the checkpoint's own validation split instead: rebuilt from the data, seed and "
         "fraction its training recorded (--data is then ignored)",
     )
+    p.add_argument("--unknown-data", help="images that are none of the classes: an image folder (per-source figures "
+                   "by top-level sub-folder) or a CIFAR source (its other classes' test images); adds the AUROC and "
+                   "the share rejected at the checkpoint's threshold to metrics.json")  # fmt: skip
     p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT, help="download cache for --data cifar10")
     p.add_argument("--report-dir", type=Path, default=Path("reports/eval"))
     p.add_argument(
@@ -136,10 +164,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.validation
             else load_split(args.data, meta.classes, "test", args.data_root)
         )
+        unknown = load_unknowns(args.unknown_data, args.data_root, "test", meta.classes) if args.unknown_data else None
     except (CheckpointError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    metrics, probs = evaluate(engine, meta, data.images, data.labels)
+    metrics, probs = evaluate(engine, meta, data.images, data.labels, unknown)
     metrics["data"] = data.source
     metrics |= engine.describe()  # engine, dtype, threads, device: what produced these figures
     metrics |= {"machine": describe_machine(engine.device), "date": date.today().isoformat()}
@@ -171,7 +200,15 @@ def main(argv: list[str] | None = None) -> int:
             for i, row in enumerate(probs):
                 path = data.paths[i] if data.paths else ""
                 writer.writerow([path, meta.classes[data.labels[i]], meta.classes[row.argmax()], *map(float, row)])
-    print(json.dumps({k: metrics[k] for k in ("accuracy", "n", "ece")} | {"report_dir": str(args.report_dir)}))
+    rejection = metrics["unknown"]
+    if "auroc" in rejection:
+        print(f"unknown images ({rejection['data']}): {rejection['score']} score, threshold {rejection['threshold']}")
+        for name, figures in {"all": rejection, **rejection["per_source"]}.items():
+            rejected = f"rejected {figures['unknown_rejected']:.2%}, " if "unknown_rejected" in figures else ""
+            print(f"  {name:>14}: {figures['n']:6d} images, {rejected}AUROC {figures['auroc']:.4f}")
+    summary = {k: metrics[k] for k in ("accuracy", "n", "ece")} | {"report_dir": str(args.report_dir)}
+    summary |= {k: rejection[k] for k in ("known_accepted", "unknown_rejected", "auroc") if k in rejection}
+    print(json.dumps(summary))
     return 0
 
 

@@ -52,7 +52,9 @@ from cifar3.model import (
     load_imagenet_weights,
 )
 from cifar3.preprocessing import CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE, normalize
+from cifar3.unknown import ENERGY, OTHER_CLASS, class_logits, fit_threshold, split_scores
 from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, limit_per_class, load_split, stratified_split
+from training.unknowns import is_cifar_source, load_unknowns, rejection_figures, synthetic_unknowns
 
 
 @dataclass
@@ -70,6 +72,11 @@ class Recipe:
     low_res: int = 0  # progressive resizing: input side in pixels for the first part of training; 0 = off
     low_res_until: float = 0.0  # ... until this fraction of training (steps, or of a budget's time)
     bf16: bool = True  # bf16 autocast where the device computes it natively (a GPU; a CPU with AVX512-BF16/AMX)
+    # With unknown images (--unknown-data): how many go into each batch per known image, and how they are learnt:
+    # "other-class" (one more output, their label) or "outlier-exposure" (a uniform target over the classes).
+    unknown_ratio: float = 0.5
+    unknown_loss: str = OTHER_CLASS
+    synthetic_unknowns: int = 4000  # synthetic unknown images added to the unknown data (training/unknowns.py)
 
 
 # Hyperparameters of the recipes; docs/training.md says what each reached, where.
@@ -92,7 +99,9 @@ PRESETS = {
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 # Recipe fields a command-line option of the same name (--batch-size for batch_size) overrides.
 OVERRIDES = ("variant", "epochs", "batch_size", "lr", "low_res", "low_res_until", "warmup", "crop_padding",
-             "label_smoothing")  # fmt: skip
+             "label_smoothing", "unknown_ratio", "unknown_loss", "synthetic_unknowns")  # fmt: skip
+UNKNOWN_LOSSES = (OTHER_CLASS, "outlier-exposure")
+OUTLIER_EXPOSURE_WEIGHT = 0.5  # Hendrycks et al. 2019's weight of the uniform-target term
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--crop-padding", type=int, metavar="PIXELS", help="override the preset's random translation (0 = none)"
     )
     p.add_argument("--label-smoothing", type=float, help="override the preset's label smoothing")
+    p.add_argument(
+        "--unknown-data",
+        help="images that are none of the classes, to learn to say so: an image folder (any sub-folders) or a CIFAR "
+        "source (its other classes). Default with a CIFAR --data: its other classes",
+    )
+    p.add_argument(
+        "--no-unknown-data", action="store_true", help="train on the classes alone, even with a CIFAR --data"
+    )
+    p.add_argument("--unknown-ratio", type=float, metavar="R",
+                   help="unknown images per known image in each batch (preset: 0.5)")  # fmt: skip
+    p.add_argument("--unknown-loss", choices=UNKNOWN_LOSSES, help="how unknown images are learnt (preset: other-class)")
+    p.add_argument("--synthetic-unknowns", type=int, metavar="N",
+                   help="synthetic unknown images added to --unknown-data (noise, flat colours, shuffled tiles; "
+                        "preset: 4000; 0 = none)")  # fmt: skip
     p.add_argument("--limit", type=int, help="use at most N training images per class (quick runs)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="stratified validation split")
     p.add_argument("--seed", type=int, default=0)
@@ -222,10 +245,26 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     )
 
 
+def make_objective(recipe: Recipe, num_classes: int):
+    """The training loss of a batch whose first ``len(targets)`` images are known and the rest unknown."""
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+
+    def objective(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        known = len(targets)
+        if len(outputs) == known:
+            return criterion(outputs, targets)
+        if recipe.unknown_loss == OTHER_CLASS:  # the unknowns' label is the output after the classes
+            return criterion(outputs, torch.cat([targets, targets.new_full((len(outputs) - known,), num_classes)]))
+        uniform = -outputs[known:].log_softmax(1).mean(1).mean()  # cross-entropy to the uniform distribution
+        return criterion(outputs[:known], targets) + OUTLIER_EXPOSURE_WEIGHT * uniform
+
+    return objective
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    criterion: nn.Module,
+    objective,
     images: torch.Tensor,
     targets: torch.Tensor,
     recipe: Recipe,
@@ -235,20 +274,21 @@ def train_step(
     size: int,
     bf16: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on a uint8 batch, augmented and normalized on its device, resized to ``size``
-    (antialiased: what a smaller photo of the same object looks like), channels_last, under bf16 autocast
-    if ``bf16``: (loss, logits), both still on the device (reading them would wait for a GPU)."""
+    """One optimizer step on a uint8 batch (the known images, labelled by ``targets``, then any unknown ones),
+    augmented and normalized on its device, resized to ``size`` (antialiased: what a smaller photo of the same
+    object looks like), channels_last, under bf16 autocast if ``bf16``: (loss, the known images' logits), both
+    still on the device (reading them would wait for a GPU)."""
     inputs = normalize(augment(images, recipe, gen), mean, std)
     if size != inputs.shape[-1]:
         inputs = nn.functional.interpolate(inputs, size=(size, size), mode="bilinear", antialias=True)
     inputs = inputs.contiguous(memory_format=torch.channels_last)
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
         outputs = model(inputs)
-        loss = criterion(outputs.float(), targets)
+        loss = objective(outputs.float(), targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.detach(), outputs.detach()
+    return loss.detach(), outputs[: len(targets)].detach()
 
 
 def one_cycle(progress: float, recipe: Recipe) -> tuple[float, float]:
@@ -341,15 +381,18 @@ def train_epoch(
     std: torch.Tensor,
     bf16: bool,
     desc: str,
+    objective,
+    unknown: torch.Tensor | None = None,
 ) -> tuple[float, float, int]:
     """One pass over the shuffled training images (the last partial batch dropped), augmented on their
     device, stopping early when ``progress`` reaches 1: (mean loss, accuracy, images seen). Each step first
     sets the learning rate, momentum and input size for the current progress. Nothing in the loop waits for a
     GPU except every 10th step on a time budget (so that the clock measures work done, not work queued):
-    losses and hits are summed on the device and read once at the end."""
+    losses and hits are summed on the device and read once at the end. With ``unknown`` images, each batch
+    adds ``recipe.unknown_ratio`` of them per known image, drawn at random."""
     device = images.device
     model.train()
-    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    unknown_per_batch = round(recipe.batch_size * recipe.unknown_ratio) if unknown is not None else 0
     order = torch.randperm(len(images), generator=gen, device=device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -366,10 +409,11 @@ def train_epoch(
             group["lr"], group["momentum"] = lr, momentum
         size = recipe.low_res if recipe.low_res and done < recipe.low_res_until else IMAGE_SIZE
         idx = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
-        targets = labels[idx]
-        loss, outputs = train_step(
-            model, optimizer, criterion, images[idx], targets, recipe, gen, mean, std, size, bf16
-        )
+        targets, batch = labels[idx], images[idx]
+        if unknown_per_batch:
+            drawn = torch.randint(0, len(unknown), (unknown_per_batch,), generator=gen, device=device)
+            batch = torch.cat([batch, unknown[drawn]])
+        loss, outputs = train_step(model, optimizer, objective, batch, targets, recipe, gen, mean, std, size, bf16)
         progress.step += 1
         loss_sum += loss * len(idx)
         correct += (outputs.argmax(1) == targets).sum()
@@ -380,13 +424,74 @@ def train_epoch(
 
 
 def evaluate_split(
-    model: nn.Module, data: Dataset, mean, std, label_smoothing: float
+    model: nn.Module, data: Dataset, mean, std, label_smoothing: float, num_classes: int
 ) -> tuple[float, float, torch.Tensor]:
-    """(loss, accuracy, logits) on a held-out split."""
+    """(loss, accuracy among the classes, all logits) on a held-out split of known images."""
     model.eval()
     logits = predict_logits(model, data.images, mean, std)
     loss = nn.functional.cross_entropy(logits, data.labels, label_smoothing=label_smoothing).item()
-    return loss, (logits.argmax(1) == data.labels).float().mean().item(), logits
+    accuracy = (class_logits(logits, num_classes).argmax(1) == data.labels).float().mean().item()
+    return loss, accuracy, logits
+
+
+def unknown_source(args: argparse.Namespace) -> str | None:
+    """Where the unknown images come from: --unknown-data, else a CIFAR --data's other classes, else nowhere."""
+    if args.no_unknown_data:
+        return None
+    if args.unknown_data:
+        return args.unknown_data
+    return args.data if is_cifar_source(args.data) else None
+
+
+def load_unknown_data(
+    args: argparse.Namespace, classes: list[str], recipe: Recipe, train_set: Dataset
+) -> tuple[torch.Tensor | None, Dataset | None]:
+    """(uint8 unknown training images with the synthetic ones, the unknown validation split), or (None, None).
+
+    The validation split is carved like the known one (same fraction and seed, stratified by source) and holds
+    no synthetic images: the stored threshold's figures are measured on real unknown images."""
+    source = unknown_source(args)
+    if source is None:
+        return None, None
+    data = limit_per_class(load_unknowns(source, args.data_root, "train", classes), args.limit, args.seed)
+    train, val = stratified_split(data, args.val_fraction, args.seed)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    synthetic = synthetic_unknowns(recipe.synthetic_unknowns, train_set.images, gen)
+    print(
+        f"unknown data: {data.source}: {len(train)} train / {len(val)} validation images from "
+        f"{len(data.sources)} source(s), + {len(synthetic)} synthetic; {recipe.unknown_loss}",
+        flush=True,
+    )
+    return torch.cat([train.images, synthetic]), val
+
+
+def unknown_decision(
+    model: nn.Module, meta: ModelMeta, val_logits: torch.Tensor, unknown_val: Dataset | None, recipe: Recipe,
+    args: argparse.Namespace,
+) -> dict:  # fmt: skip
+    """The checkpoint's ``unknown`` metadata: the score, the threshold that accepts KNOWN_ACCEPTED of the known
+    validation images, and what it does on them and on the unknown validation images."""
+    classes = len(meta.classes)
+    score = OTHER_CLASS if meta.unknown.get("score") == OTHER_CLASS else ENERGY
+    decision = {"score": score}
+    known_scores = split_scores(val_logits, classes, meta.temperature, decision)[1]
+    unknown_scores = None
+    if unknown_val is not None:
+        logits = predict_logits(model.eval(), unknown_val.images, meta.mean, meta.std)
+        unknown_scores = split_scores(logits, classes, meta.temperature, decision)[1]
+    threshold = fit_threshold(known_scores)
+    method = recipe.unknown_loss if unknown_val is not None else "post-hoc"
+    return {
+        "method": method,
+        **decision,
+        "threshold": round(threshold, 6),
+        **rejection_figures(known_scores, unknown_scores, threshold),
+        "unknown_data": unknown_source(args),
+        "validation_images": {
+            "known": len(known_scores),
+            "unknown": 0 if unknown_scores is None else len(unknown_scores),
+        },
+    }
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -440,12 +545,15 @@ def train(args: argparse.Namespace) -> dict:
         f"classes {classes}; preset {preset} on {device}: {asdict(recipe)}",
         flush=True,
     )
+    unknown_train, unknown_val = load_unknown_data(args, classes, recipe, train_set)
     train_images, train_labels = train_set.images.to(device), train_set.labels.to(device)
+    unknown_images = unknown_train.to(device) if unknown_train is not None else None
     data_load_s = time.perf_counter() - started
     mean, std = list(CIFAR10_MEAN), list(CIFAR10_STD)
     mean_t, std_t = torch.tensor(mean, device=device), torch.tensor(std, device=device)  # copied once, not per step
 
-    model = build_model(recipe.variant, len(classes))
+    with_other_output = unknown_images is not None and recipe.unknown_loss == OTHER_CLASS
+    model = build_model(recipe.variant, len(classes) + with_other_output)
     if args.pretrained:
         loaded, skipped = load_imagenet_weights(model)
         print(f"--pretrained: {len(loaded)} ImageNet tensors loaded; freshly initialised: {', '.join(skipped)}")
@@ -481,8 +589,11 @@ def train(args: argparse.Namespace) -> dict:
             "bf16": bf16,
             "budget_clock": args.budget_clock,
             "pretrained": IMAGENET_WEIGHTS.name if args.pretrained else None,
+            "unknown_data": unknown_source(args) if unknown_images is not None else None,
         },
+        unknown={"score": OTHER_CLASS} if with_other_output else {},
     )
+    objective = make_objective(recipe, len(classes))
     log_path, plot_path = args.out.with_suffix(".log.jsonl"), args.out.with_suffix(".curves.png")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("")
@@ -496,14 +607,14 @@ def train(args: argparse.Namespace) -> dict:
             epoch_start = time.perf_counter()
             train_loss, train_acc, seen = train_epoch(
                 model, optimizer, progress, train_images, train_labels, recipe, gen, mean_t, std_t, bf16,
-                f"epoch {epoch}",
+                f"epoch {epoch}", objective, unknown_images,
             )  # fmt: skip
             if not seen:  # the budget ran out between the check above and the first step
                 epoch -= 1
                 break
             train_time = time.perf_counter() - epoch_start
             validation_start = clock()  # the budget's clock: wall time, or CPU time on a busy machine
-            val_loss, val_acc, _ = evaluate_split(model, val_set, mean, std, recipe.label_smoothing)
+            val_loss, val_acc, _ = evaluate_split(model, val_set, mean, std, recipe.label_smoothing, len(classes))
             if epoch == 1:
                 progress.reserve_for(clock() - validation_start)
             record = {
@@ -547,14 +658,16 @@ def train(args: argparse.Namespace) -> dict:
     # Calibrate the best epoch's model on the validation split; the handler divides logits by T.
     model.load_state_dict(best.state)
     meta = copy.deepcopy(best.meta)
-    _, _, val_logits = evaluate_split(model, val_set, mean, std, 0.0)
-    meta.temperature = round(fit_temperature(val_logits, val_set.labels), 5)
+    _, _, val_logits = evaluate_split(model, val_set, mean, std, 0.0, len(classes))
+    meta.temperature = round(fit_temperature(class_logits(val_logits, len(classes)), val_set.labels), 5)
+    meta.unknown = unknown_decision(model, meta, val_logits, unknown_val, recipe, args)
     save_checkpoint(args.out, model, meta)
     checkpoint_ready_s = time.perf_counter() - started
     plot_curves(history, plot_path)
     summary = {
         "checkpoint": str(args.out),
         "val_accuracy": meta.val_accuracy,
+        "unknown": meta.unknown,
         "best_epoch": meta.epoch,
         "temperature": meta.temperature,
         "preset": preset,

@@ -188,8 +188,17 @@ def show_outcome(outcome: Outcome, data: bytes, alpha: float = 0.5) -> None:
                 return
             prediction = outcome.prediction
             confidence = prediction.probs.get(prediction.pred_class, 0.0)
-            st.markdown(f"#### {outcome.name}: **{prediction.pred_class}**")
-            st.caption(f"{confidence:.1%} confident · round trip {outcome.latency_ms:.0f} ms")
+            if prediction.unknown:
+                # The model's classes still get their probabilities: they say which one it resembles most.
+                st.markdown(f"#### {outcome.name}: looks like none of: {', '.join(prediction.probs)}")
+                st.caption(
+                    f"unknown score {prediction.unknown_score:.3g}, above the server's threshold · closest class "
+                    f"{prediction.pred_class} ({confidence:.1%} among the classes) · round trip "
+                    f"{outcome.latency_ms:.0f} ms"
+                )
+            else:
+                st.markdown(f"#### {outcome.name}: **{prediction.pred_class}**")
+                st.caption(f"{confidence:.1%} confident · round trip {outcome.latency_ms:.0f} ms")
             st.altair_chart(probability_chart(prediction), width="stretch")
 
 

@@ -1,0 +1,203 @@
+"""Images that are none of the classes: loading them, the synthetic ones training adds, how well they are told apart.
+
+    python -m training.unknowns OUT [--count 200] [--crops-from DIR]
+
+writes a folder of unknown images of kinds training never sees (one sub-folder per kind: ``shapes``, ``text``,
+``gradients``, ``patterns``, ``crops``), for ``python -m training.evaluate --unknown-data OUT``. Training draws
+its synthetic unknowns from other kinds (``synthetic_unknowns``: noise, smooth noise, flat colours, shuffled
+tiles), so these measure how the rejection carries over to images unlike anything it was trained on.
+
+Unknown data for training (``training.train --unknown-data``) is an image folder of any layout: every image
+under it, each labelled with the top-level sub-folder it is in (its *source*, for per-source figures). With a
+CIFAR source (``--data cifar10`` or a ``cifar-10-batches-py`` folder) the other CIFAR-10 classes are the
+default unknown data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from sklearn.metrics import roc_auc_score
+from tqdm import tqdm
+
+from cifar3.classes import CIFAR10_CLASSES
+from cifar3.preprocessing import IMAGE_SIZE, pil_to_uint8, to_rgb
+from training.data import CIFAR_DIR, IMAGE_SUFFIXES, DataError, Dataset, load_split
+
+
+def is_cifar_source(source: str) -> bool:
+    if source == "cifar10":
+        return True
+    path = Path(source).expanduser()
+    return any((folder / "batches.meta").is_file() for folder in (path, path / CIFAR_DIR))
+
+
+def load_unknowns(source: str, data_root: Path, split: str = "train", classes: list[str] | None = None) -> Dataset:
+    """Unknown images with their source index as label and ``Dataset.sources`` naming each source.
+
+    ``source``: an image folder (any layout), or a CIFAR source whose classes other than ``classes`` are taken.
+    """
+    if is_cifar_source(source):
+        others = [name for name in CIFAR10_CLASSES if name not in (classes or [])]
+        data = load_split(source, others, split, data_root)
+        data.sources = others
+        return data
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        raise DataError(f"--unknown-data: not a folder: {root}. Pass an image folder of images that are none of "
+                        "the classes (any sub-folders)")  # fmt: skip
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"--unknown-data: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+    sources = sorted({_source(root, path) for path in files})
+    images, labels, bad = [], [], []
+    for path in tqdm(files, desc=f"reading {root.name}", unit="img", disable=None, leave=False):
+        try:
+            with Image.open(path) as image:
+                images.append(pil_to_uint8(to_rgb(image)))
+            labels.append(sources.index(_source(root, path)))
+        except Exception:
+            bad.append(path)
+    if bad:
+        raise DataError(f"--unknown-data: {len(bad)} unreadable image(s) under {root}, e.g. {bad[0]}. Remove them.")
+    data = Dataset(torch.stack(images), torch.tensor(labels), str(root), [str(p) for p in files])
+    data.sources = sources
+    return data
+
+
+def _source(root: Path, path: Path) -> str:
+    parts = path.relative_to(root).parts
+    return parts[0] if len(parts) > 1 else "."
+
+
+# Synthetic unknowns mixed into training: images with none of the classes' structure. Kept apart from the kinds
+# ``write_check_set`` makes, so that those measure generalisation rather than memory.
+SYNTHETIC_KINDS = ("noise", "smooth-noise", "flat", "shuffled-tiles")
+
+
+def synthetic_unknowns(count: int, known: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``count`` uint8 N x 3 x 32 x 32 images, a quarter of each SYNTHETIC_KINDS, drawn from ``gen``.
+
+    ``known`` (uint8, the training images of the classes) supplies the tiles of ``shuffled-tiles``: 8x8 tiles
+    of one image in random order keep its colours and textures but not the shape of any object."""
+    size, parts = IMAGE_SIZE, []
+    per_kind = [count // 4 + (1 if i < count % 4 else 0) for i in range(4)]
+    n = per_kind[0]
+    parts.append(torch.randint(0, 256, (n, 3, size, size), generator=gen, dtype=torch.uint8))
+    n = per_kind[1]
+    low = [torch.rand(1, 3, side, side, generator=gen) for side in torch.randint(2, 9, (n,), generator=gen).tolist()]
+    parts.append(torch.cat([torch.nn.functional.interpolate(x, size=size, mode="bicubic") for x in low]) if n else
+                 torch.empty(0, 3, size, size))  # fmt: skip
+    n = per_kind[2]
+    colour = torch.rand(n, 3, 1, 1, generator=gen)
+    grain = 0.03 * torch.rand(n, 1, 1, 1, generator=gen) * torch.randn(n, 3, size, size, generator=gen)
+    parts.append(colour + grain)
+    n = per_kind[3]
+    picks = known[torch.randint(0, len(known), (n,), generator=gen)].float() / 255.0
+    tiles = picks.unfold(2, 8, 8).unfold(3, 8, 8).reshape(n, 3, 16, 8, 8)
+    order = torch.argsort(torch.rand(n, 16, generator=gen), dim=1)
+    tiles = tiles[torch.arange(n).view(n, 1), :, order].permute(0, 2, 1, 3, 4)  # n x 3 x 16 x 8 x 8, shuffled
+    parts.append(tiles.reshape(n, 3, 4, 4, 8, 8).permute(0, 1, 2, 4, 3, 5).reshape(n, 3, size, size))
+    images = [parts[0], *((p.clamp(0, 1) * 255).round().to(torch.uint8) for p in parts[1:])]
+    return torch.cat(images)
+
+
+def rejection_figures(known_scores: torch.Tensor, unknown_scores: torch.Tensor | None, threshold: float | None) -> dict:
+    """Known share accepted and, with unknown images, their share rejected and the AUROC (unknown = positive)."""
+    figures = {}
+    if threshold is not None:
+        figures["known_accepted"] = round(float((known_scores <= threshold).float().mean()), 5)
+    if unknown_scores is not None and len(unknown_scores):
+        if threshold is not None:
+            figures["unknown_rejected"] = round(float((unknown_scores > threshold).float().mean()), 5)
+        truth = np.r_[np.zeros(len(known_scores)), np.ones(len(unknown_scores))]
+        figures["auroc"] = round(float(roc_auc_score(truth, torch.cat([known_scores, unknown_scores]).numpy())), 5)
+    return figures
+
+
+# Held-out kinds for measurement only (never trained on).
+CHECK_KINDS = ("shapes", "text", "gradients", "patterns", "crops")
+
+
+def check_image(kind: str, rng: np.random.Generator, crops_from: list[Path] | None = None) -> Image.Image:
+    """One 64x64 (crops: 32x32 upscaled from 8x8) image of ``kind``, drawn from ``rng``."""
+    side = 64
+    colour = lambda: tuple(int(v) for v in rng.integers(0, 256, 3))  # noqa: E731
+    if kind == "shapes":
+        image = Image.new("RGB", (side, side), colour())
+        draw = ImageDraw.Draw(image)
+        for _ in range(rng.integers(1, 4)):
+            x0, y0 = rng.integers(0, side - 16, 2)
+            x1, y1 = x0 + rng.integers(12, side - x0 + 1), y0 + rng.integers(12, side - y0 + 1)
+            shape = rng.integers(0, 3)
+            if shape == 0:
+                draw.ellipse((x0, y0, x1, y1), fill=colour())
+            elif shape == 1:
+                draw.rectangle((x0, y0, x1, y1), fill=colour())
+            else:
+                draw.polygon([tuple(int(v) for v in rng.integers(0, side, 2)) for _ in range(3)], fill=colour())
+        return image
+    if kind == "text":
+        ink, paper = ((255, 255, 255), (0, 0, 0)) if rng.random() < 0.5 else ((0, 0, 0), (255, 255, 255))
+        image = Image.new("RGB", (side, side), paper)
+        glyphs = "0123456789ABCDEFGHJKLMNPQRSTUVWXYZ"
+        text = "".join(glyphs[i] for i in rng.integers(0, len(glyphs), rng.integers(1, 3)))
+        font = ImageFont.load_default(size=int(rng.integers(28, 48)))
+        ImageDraw.Draw(image).text((int(rng.integers(2, 16)), int(rng.integers(0, 12))), text, fill=ink, font=font)
+        return image
+    if kind == "gradients":
+        a, b = np.array(colour(), float), np.array(colour(), float)
+        angle = rng.uniform(0, np.pi)
+        ys, xs = np.mgrid[0:side, 0:side] / (side - 1)
+        t = np.clip(xs * np.cos(angle) + ys * np.sin(angle), 0, 1)[..., None]
+        return Image.fromarray(((1 - t) * a + t * b).astype(np.uint8))
+    if kind == "patterns":
+        period = int(rng.integers(4, 17))
+        ys, xs = np.mgrid[0:side, 0:side]
+        mask = ((xs // period + ys // period) % 2 == 0) if rng.random() < 0.5 else (xs // period) % 2 == 0
+        pixels = np.where(mask[..., None], np.array(colour()), np.array(colour())).astype(np.uint8)
+        return Image.fromarray(pixels)
+    if kind == "crops":
+        with Image.open(crops_from[int(rng.integers(0, len(crops_from)))]) as opened:
+            picture = to_rgb(opened).resize((32, 32))
+        x, y = (int(v) for v in rng.integers(0, 32 - 8, 2))
+        return picture.crop((x, y, x + 8, y + 8)).resize((32, 32), Image.Resampling.BICUBIC)
+    raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(CHECK_KINDS)}")
+
+
+def write_check_set(out: Path, count: int, seed: int = 0, crops_from: Path | None = None) -> dict[str, int]:
+    """``count`` PNG images of every CHECK_KINDS kind under ``out/<kind>/``; ``crops`` only with ``crops_from``."""
+    rng = np.random.default_rng(seed)
+    sources = sorted(p for p in crops_from.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if crops_from else None
+    written = {}
+    for kind in CHECK_KINDS:
+        if kind == "crops" and not sources:
+            continue
+        folder = out / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            check_image(kind, rng, sources).save(folder / f"{i:05d}.png")
+        written[kind] = count
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.unknowns", description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path, help="folder to write (one sub-folder per kind)")
+    p.add_argument("--count", type=int, default=200, help="images per kind")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--crops-from", type=Path, help="image folder whose images the 'crops' kind cuts 8x8 pieces from "
+                   "(use images that are none of the classes and were not trained on)")  # fmt: skip
+    args = p.parse_args(argv)
+    written = write_check_set(args.out, args.count, args.seed, args.crops_from)
+    print(f"{args.out}: " + ", ".join(f"{n} {kind}" for kind, n in written.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
