@@ -304,6 +304,25 @@ def test_torchserve_deployment_is_sized_probed_and_reachable_as_configured():
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
 
+def test_torchserve_pods_drain_before_they_stop():
+    """A leaving pod keeps serving (preStop sleep) while its endpoint's removal spreads, and its grace period
+    covers that sleep, the drain measured under load and TorchServe's measured stop time
+    (reports/reliability-scaling.json, written by ``python -m bench.reliability --only scaling drain``)."""
+    pod = one("Deployment", "cifar3-torchserve")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep", command  # the image has coreutils; no shell needed
+    pre_stop = float(command[1])
+    report = json.loads((ROOT / "reports" / "reliability-scaling.json").read_text())
+    drain = next(r for r in report["results"] if r["check"].startswith("pod drain"))
+    assert pre_stop >= 5 + drain["drain_s"], "a few seconds for endpoint removal to spread, then the drain"
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + 3 * drain["stop_s"]
+    # Knative (KServe's serverless mode) refuses both fields and drains through its queue-proxy itself.
+    for _, service in inference_services():
+        predictor = service["spec"]["predictor"]
+        assert "terminationGracePeriodSeconds" not in predictor and "lifecycle" not in predictor["model"]
+
+
 def selects(selector: dict, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 

@@ -3,9 +3,9 @@
 Security checks and a short soak run against the session's ``server``; checks that break or restart
 a server (kill a worker, scale, stop/start, slow request, corrupt .mar) get servers of their own.
 The default run is a reduced version (about 3 minutes on 2 idle cores: 15 s soak, scale 1 -> 2 -> 1,
-one stop/start cycle, two kinds of corrupt .mar). ``CIFAR3_RELIABILITY_FULL=1`` runs the full one
-(60 s soak, scale 1 -> 4 -> 1 both synchronous and not, 3 cycles, every corruption); the script runs
-it all with a 5-minute soak and writes reports/reliability.md.
+one short run of the repeated scaling check, one stop/start cycle, two kinds of corrupt .mar).
+``CIFAR3_RELIABILITY_FULL=1`` runs the full one (60 s soak, scale 1 -> 4 -> 1 both synchronous and not,
+3 cycles, every corruption); the script runs it all with a 5-minute soak and writes reports/reliability.md.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 import pytest
 from conftest import start_server, write_server_config
 
-from bench.reliability import common, faults, security, soak
+from bench.reliability import common, faults, scaling, security, soak
 from scripts.serve import Server, ServerError, read_properties
 
 FULL = os.environ.get("CIFAR3_RELIABILITY_FULL") == "1"
@@ -115,6 +115,20 @@ def test_scaling_up_and_down_under_load(own_server, payload):
     down = row(rows, "plain clients")
     assert all(status == 0 or status >= 500 for status in down["failure_statuses"]), down["failures"]
     assert "later: 0 of" in down["measured"], down["measured"]
+
+
+def test_scale_down_under_load_loses_no_answer_through_the_client(own_server, payload):
+    """A short run of the repeated scaling check: the project's client (RetryPolicy) loses no answer and none
+    takes 5 s; the raw clients' failures, if the race hit, are only TorchServe's worker-gone answers and lost
+    jobs. ``python -m bench.reliability --only scaling`` runs 10 of each pattern."""
+    before = len(common.workers(own_server))
+    try:
+        rows = scaling.check_scaling(own_server, payload, 1, 2, runs=1, seconds=6.0, clients=2)
+    finally:
+        scaling.scale_to(own_server, before, synchronous=True)  # min_worker back to the model's own
+    assert_passed(rows)
+    retrying = row(rows, "the project's client")["summary"]
+    assert retrying["requests"] > 50 and row(rows, "raw HTTP")["scale_downs"] >= 1
 
 
 @full_only

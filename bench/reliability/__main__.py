@@ -15,6 +15,10 @@ same functions tests/test_reliability.py asserts on):
 * faults: SIGKILL a worker under load; scale 1 -> 4 -> 1 workers under load; a request slower
   than the response timeout; a corrupt and a truncated .mar at start-up; stop/start cycles
   (no snapshot restored, no processes left behind);
+* scaling: 1 -> 3 -> 1 and 2 -> 4 -> 2 workers under load, repeated (--scaling-runs runs of
+  --scaling-seconds each), raw HTTP clients and the project's retrying client side by side: failures
+  by kind and the slowest answer; then the drain time under load and TorchServe's stop time (what the
+  Deployment's preStop and terminationGracePeriodSeconds are sized from);
 * load: saturation rate (closed loop, concurrency 16), then an open-loop soak at 80 % of it:
   errors, p50/p90/p99 against low load, worker memory growth; beside them, how steadily the idle
   machine runs plain code (bench/cpuprobe.py);
@@ -47,6 +51,7 @@ from bench.reliability.faults import (
     check_stop_start,
 )
 from bench.reliability.report import markdown, print_table
+from bench.reliability.scaling import check_pod_drain, check_scaling
 from bench.reliability.security import security_checks
 from bench.reliability.soak import check_soak
 from cifar3.hardware import describe_cpu
@@ -91,6 +96,7 @@ def run_all(args) -> tuple[list[Result], dict]:
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "model": model,
         "soak_seconds": args.soak_seconds,
+        "scaling": f"{args.scaling_runs} runs of {args.scaling_seconds:.0f} s per pattern",
         "machine": f"{describe_cpu()}, load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at start",
         "torchserve": subprocess.run(
             [str(Path(PYTHON).parent / "torchserve"), "--version"], capture_output=True, text=True, check=False
@@ -99,6 +105,8 @@ def run_all(args) -> tuple[list[Result], dict]:
         .rsplit(" ", 1)[-1]
         or "?",
         "work_dir": str(work),
+        "only": args.only or [],
+        "note": args.note,
     }
 
     def step(name: str, fn: Callable[[], list[Result]]) -> None:
@@ -122,7 +130,15 @@ def run_all(args) -> tuple[list[Result], dict]:
         step("kill worker", lambda: check_kill_worker(server, payload))
         step("scale (synchronous)", lambda: check_scale(server, payload, synchronous=True))
         step("scale (asynchronous)", lambda: check_scale(server, payload, synchronous=False))
+        for low, high in ((1, 3), (2, 4)):
+            step(
+                f"scaling {low}-{high}-{low}",
+                lambda low=low, high=high: check_scaling(
+                    server, payload, low, high, runs=args.scaling_runs, seconds=args.scaling_seconds
+                ),
+            )
         step("stop/start", lambda: check_stop_start(server, payload, cycles=args.cycles))
+        step("pod drain", lambda: check_pod_drain(server, payload))  # stops the server
     finally:
         server.stop()
 
@@ -148,10 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--checkpoint", type=Path, help="archive this checkpoint with scripts/archive.sh and use it")
     parser.add_argument("--soak-seconds", type=float, default=300.0, help="length of the soak (default 300)")
     parser.add_argument("--cycles", type=int, default=3, help="stop/start cycles (default 3)")
+    parser.add_argument("--scaling-runs", type=int, default=10, help="runs per scaling pattern (default 10)")
+    parser.add_argument("--scaling-seconds", type=float, default=20.0, help="seconds per scaling run (default 20)")
     parser.add_argument("--out", type=Path, default=DEFAULT_REPORT, help="Markdown report (JSON beside it)")
     parser.add_argument("--work-dir", type=Path, help="folder for the servers' configs, stores and logs (kept)")
     parser.add_argument("--keep-work-dir", action="store_true", help="keep the temporary work folder")
     parser.add_argument("--only", nargs="*", help="run only the checks whose step name contains one of these")
+    parser.add_argument("--note", default="", help="what the report should say about the model (e.g. how trained)")
     args = parser.parse_args(argv)
     try:
         rows, meta = run_all(args)

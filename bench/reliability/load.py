@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from bench.loadgen import percentile, run_load
 from bench.reliability.common import OCTET, REQUEST_TIMEOUT
 from scripts.serve import Server
-from ui.client import Cifar3Client, ClientError, new_session
+from ui.client import NO_RETRY, Cifar3Client, ClientError, RetryPolicy, error_text, new_session
 
 
 @dataclass
@@ -18,9 +18,10 @@ class Call:
     start: float  # time.monotonic() the request was sent
     end: float
     status: int  # HTTP status; 0 when no HTTP answer came (connection reset, timeout)
-    error: str = ""
-    attempts: int = 1  # > 1: the client retried (see Load's retries)
+    error: str = ""  # TorchServe's or the handler's message, or the client's (ClientError) when no answer came
+    attempts: int = 1  # > 1: the client retried (see Load's retry)
     first_error: str = ""  # what the first attempt got, when it was retried
+    kind: str = ""  # no answer: the ClientError's kind (timeout, unreachable)
 
     @property
     def ok(self) -> bool:
@@ -44,10 +45,10 @@ class Load:
         concurrency: int = 4,
         max_seconds: float = 60.0,
         timeout: float = REQUEST_TIMEOUT,
-        retries: int = 0,
+        retry: RetryPolicy = NO_RETRY,
     ):
         self.server, self.payload, self.concurrency = server, payload, concurrency
-        self.max_seconds, self.timeout, self.retries = max_seconds, timeout, retries
+        self.max_seconds, self.timeout, self.retry = max_seconds, timeout, retry
         self.calls: list[Call] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -56,30 +57,27 @@ class Load:
         self.started = 0.0
 
     def _client_of_thread(self) -> Cifar3Client:
-        """The project's client, one per thread; with ``retries``, its session sends a request again after
-        HTTP 500/503/507 or no answer (urllib3's Retry; a prediction is idempotent)."""
+        """The project's client, one per thread, sending requests again as ``retry`` says (NO_RETRY: one
+        attempt, the raw HTTP behaviour; ``timeout`` bounds each call, retries included)."""
         if not hasattr(self._local, "client"):
-            session = new_session(pool_size=1, retries=self.retries, after_no_answer=True)
-            self._local.client = Cifar3Client(self.server.client().config, session=session)
+            session = new_session(pool_size=1)
+            self._local.client = Cifar3Client(self.server.client().config, session=session, retry=self.retry)
         return self._local.client
 
     def _send(self) -> None:
         sent = time.monotonic()
-        attempts, first_error = 1, ""
+        kind = ""
         try:
-            response = self._client_of_thread().post("predictions", self.payload, timeout=self.timeout)
-            status, error = response.status_code, "" if response.ok else response.text[:200]
-            history = response.raw.retries.history if response.raw.retries else ()
-            if history:
-                attempts = len(history) + 1
-                first = history[0]
-                first_error = f"HTTP {first.status}" if first.status else f"no answer ({first.error})"
+            answer = self._client_of_thread().post("predictions", self.payload, timeout=self.timeout)
+            status, error = answer.status_code, "" if answer.ok else error_text(answer)[:200]
         except ClientError as exc:
             self._local.__dict__.pop("client", None)  # a fresh connection next time
-            status, error = 0, f"{exc.kind}: {exc.message[:150]}"
-            attempts, first_error = self.retries + 1, ("no answer" if self.retries else "")
+            answer, status, error, kind = exc, 0, exc.message[:200], exc.kind
+        failed = getattr(answer, "failed_attempts", ())
         with self._lock:
-            self.calls.append(Call(sent, time.monotonic(), status, error, attempts, first_error))
+            self.calls.append(
+                Call(sent, time.monotonic(), status, error, len(failed) + 1, failed[0] if failed else "", kind)
+            )
 
     def _client(self) -> None:
         while not self._stop.is_set() and time.monotonic() < self.deadline:
@@ -96,7 +94,7 @@ class Load:
     def stop(self) -> list[Call]:
         self._stop.set()
         for thread in self._threads:
-            thread.join((self.retries + 1) * (self.timeout + 1) + 5)
+            thread.join(self.timeout + 5)
         return self.calls
 
     def __enter__(self) -> Load:
