@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import PYTHON, ROOT, free_ports, run_cli
+from conftest import PYTHON, ROOT, free_ports, run_cli, start_server
 from PIL import Image
-from synthetic import write_image_folder
+from synthetic import class_images, encode, write_image_folder
 
 from cifar3.checkpoint import CheckpointError, ModelMeta, load_checkpoint, save_checkpoint
-from cifar3.classes import parse_classes
+from cifar3.classes import DEFAULT_CLASSES, parse_classes
 from cifar3.hardware import AVX2_ENV
 from cifar3.inference import (
     calibrated_probs,
@@ -29,7 +29,7 @@ from cifar3.inference import (
 from cifar3.model import VARIANTS, PretrainedWeightsError, build_model, imagenet_weights_path, load_imagenet_weights
 from cifar3.preprocessing import CIFAR10_MEAN, CIFAR10_STD, normalize
 from training.corruptions import CORRUPTIONS, UPSCALED_SIZE, write_corrupted_folders
-from training.data import DataError, limit_per_class, load_split, stratified_split
+from training.data import DataError, limit_per_class, load_split, resolve_classes, stratified_split
 from training.train import BestSnapshot, Progress, Recipe, one_cycle, train_epoch
 
 CLASSES = ["airplane", "automobile", "ship"]
@@ -83,9 +83,47 @@ def test_unreadable_images_are_counted_and_named(tmp_path):
         load_split(str(root), CLASSES, "train")
 
 
-def test_unknown_class_name_is_refused():
-    with pytest.raises(ValueError, match="unknown class name.*zebra"):
-        parse_classes("airplane,zebra")
+def write_own_classes(root, per_class: int) -> None:
+    """An image folder with classes of the user's own, not CIFAR-10's: songbird (blue noise), lorry (red)."""
+    for name, colour_of in (("songbird", "airplane"), ("lorry", "automobile")):
+        (root / name).mkdir(parents=True)
+        for i, pixels in enumerate(class_images(colour_of, per_class)):
+            Image.fromarray(pixels).save(root / name / f"{i:04d}.png")
+
+
+def test_cifar_class_names_are_checked_for_cifar_sources_only(cifar_dir, tmp_path):
+    for source in ("cifar10", str(cifar_dir)):  # "cifar10": refused before any download
+        with pytest.raises(ValueError, match="unknown class name.*zebra.*CIFAR-10 has airplane"):
+            resolve_classes(source, "airplane,zebra")
+    assert resolve_classes(str(cifar_dir)) == list(DEFAULT_CLASSES)
+    assert resolve_classes(str(cifar_dir), "truck,bird") == ["truck", "bird"]
+    folder = write_image_folder(tmp_path / "mine", 1, classes=("zebra", "airplane"))
+    assert resolve_classes(str(folder), "zebra,airplane") == ["zebra", "airplane"]
+    with pytest.raises(ValueError, match="at least two distinct"):
+        parse_classes("zebra,zebra")
+
+
+def test_an_image_folders_classes_are_its_sub_folders_sorted_unless_classes_picks_them(tmp_path):
+    root = tmp_path / "mine"
+    write_own_classes(root, per_class=2)
+    (root / ".thumbnails").mkdir()  # hidden folders and loose files are not classes
+    (root / "notes.txt").write_text("x")
+    assert resolve_classes(str(root)) == ["lorry", "songbird"]
+    assert resolve_classes(str(root), "songbird,lorry") == ["songbird", "lorry"]
+    data = load_split(str(root), ["songbird", "lorry"], "train")
+    assert data.paths[0].endswith("songbird/0000.png") and data.labels.tolist() == [0, 0, 1, 1]
+    # Unknown images kept beside the class folders are --unknown-data, never a class.
+    write_own_classes(tmp_path / "elsewhere", per_class=1)
+    (tmp_path / "elsewhere" / "songbird").rename(root / "other")
+    assert resolve_classes(str(root), unknown_data=str(root / "other")) == ["lorry", "songbird"]
+    assert resolve_classes(str(root)) == ["lorry", "other", "songbird"]
+    with pytest.raises(DataError, match="--classes names other, the --unknown-data folder"):
+        resolve_classes(str(root), "lorry,other", unknown_data=str(root / "other"))
+    with pytest.raises(DataError, match="--unknown-data is the --data folder itself"):
+        resolve_classes(str(root), unknown_data=str(root))
+    one = write_image_folder(tmp_path / "one", 1, classes=("lorry",))
+    with pytest.raises(DataError, match=r"needs one sub-folder per class, at least two \(found: lorry\)"):
+        resolve_classes(str(one))
 
 
 def test_cifar10_download_failure_is_a_clear_message(tmp_path):
@@ -557,6 +595,58 @@ def test_evaluate_cli_writes_report_and_ends_with_json(tmp_path, tiny_checkpoint
         str(tmp_path / "r2"),
     )
     assert json.loads(result.stdout.strip().splitlines()[-1])["n"] == 30
+
+
+@pytest.fixture(scope="module")
+def own_classes_checkpoint(tmp_path_factory):
+    """The README's training command, quick mode, on an image folder of classes CIFAR-10 does not have (no
+    --classes: the folder's sub-folders are the classes)."""
+    root = tmp_path_factory.mktemp("own") / "images"
+    write_own_classes(root, per_class=20)
+    out = root.parent / "checkpoints" / "cifar3.pt"
+    result = run_cli(PYTHON, "-m", "training.train", "--data", str(root), "--out", str(out),
+                     "--epochs", "2", "--batch-size", "8", "--device", "cpu")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_own_classes_train_and_evaluate_under_their_folder_names(own_classes_checkpoint, tmp_path):
+    _, meta = load_checkpoint(own_classes_checkpoint)
+    assert meta.classes == ["lorry", "songbird"]
+    report = tmp_path / "report"
+    result = run_cli(PYTHON, "-m", "training.evaluate", "--checkpoint", str(own_classes_checkpoint), "--data",
+                     meta.train_config["data"], "--report-dir", str(report), "--predictions")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert json.loads(result.stdout.strip().splitlines()[-1])["n"] == metrics["n"] == 40
+    assert metrics["classes"] == ["lorry", "songbird"] and metrics["per_class"]["songbird"]["support"] == 20
+    rows = (report / "predictions.csv").read_text().splitlines()
+    assert rows[0].startswith("path,label,pred_class,lorry,songbird")
+    labels = {row.split(",")[0].split("/")[-2]: row.split(",")[1] for row in rows[1:]}  # folder -> its label
+    assert labels == {"lorry": "lorry", "songbird": "songbird"}
+    validation = run_cli(PYTHON, "-m", "training.evaluate", "--checkpoint", str(own_classes_checkpoint),
+                         "--validation", "--report-dir", str(tmp_path / "validation"))  # fmt: skip
+    summary = json.loads(validation.stdout.strip().splitlines()[-1])
+    assert summary["n"] == 4 and summary["accuracy"] == pytest.approx(meta.val_accuracy, abs=1e-4)
+
+
+@pytest.mark.server
+def test_own_classes_are_archived_served_and_answered(own_classes_checkpoint, tmp_path):
+    """scripts/archive.sh and a real TorchServe: the answer and the description name the folder's classes."""
+    store = tmp_path / "store"
+    archived = run_cli("bash", str(ROOT / "scripts" / "archive.sh"), str(own_classes_checkpoint),
+                       env={"MODEL_STORE": str(store)})  # fmt: skip
+    assert archived.returncode == 0, archived.stdout[-2000:] + archived.stderr[-2000:]
+    server = start_server(tmp_path / "ts", store)
+    try:
+        client = server.client()
+        answer = client.predict(encode(Image.fromarray(class_images("airplane", 1, seed=5)[0])))
+        described = client.describe(customized=True)["customizedMetadata"]
+    finally:
+        server.stop()
+    assert list(answer.probs) == ["lorry", "songbird"] and answer.pred_class in answer.probs
+    assert sum(answer.probs.values()) == pytest.approx(1.0, abs=1e-5)
+    assert described["classes"] == ["lorry", "songbird"]
 
 
 def test_evaluate_cli_missing_checkpoint(tmp_path):

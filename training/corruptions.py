@@ -29,9 +29,8 @@ import torch
 from torchvision.transforms.v2 import functional as F
 
 from cifar3.checkpoint import CheckpointError, load_checkpoint
-from cifar3.classes import DEFAULT_CLASSES, parse_classes
 from cifar3.engine import load_engine
-from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, load_split, stratified_split
+from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, load_split, resolve_classes, stratified_split
 from training.evaluate import evaluate, validation_split
 
 UPSCALED_SIZE = 256  # pixels: a phone photo's worth of pixels for a 32x32 object, downscaled again on input
@@ -163,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--checkpoint", type=Path, help="use the validation split this checkpoint was selected on")
     source.add_argument("--data", help="use the validation split of this source (see --val-fraction, --seed)")
     p.add_argument("--out", type=Path, required=True, help="folder to write the image folders into")
-    p.add_argument("--classes", default=",".join(DEFAULT_CLASSES), help="with --data: comma-separated class names")
+    p.add_argument("--classes", help="with --data: comma-separated class names (default: as training.train chooses)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="with --data: the stratified validation split")
     p.add_argument("--seed", type=int, default=0, help="the split's seed (with --data) and the noise's")
     p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT, help="download cache for cifar10")
@@ -180,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             _, meta = load_checkpoint(args.checkpoint)
             classes, data = meta.classes, validation_split(meta, args.data_root)
         else:
-            classes = parse_classes(args.classes)
+            classes = resolve_classes(args.data, args.classes)
             _, data = stratified_split(load_split(args.data, classes, "train", args.data_root),
                                        args.val_fraction, args.seed)  # fmt: skip
         if args.reuse:

@@ -2,7 +2,8 @@
 
 - ``cifar10``: torchvision's CIFAR10, downloaded and cached under ``data/``.
 - a local ``cifar-10-batches-py`` folder (or its parent): read directly, no download.
-- an image folder with one sub-folder per class name holding JPEG/PNG files.
+- an image folder with one sub-folder per class holding JPEG/PNG files; the sub-folder names are the class
+  names, any names (``resolve_classes``: all of them, sorted, unless --classes selects and orders them).
 
 CIFAR-3 is tiny (15,000 images = 46 MB as uint8), so holding it as one tensor lets augmentation run
 batched on the training device instead of per image in DataLoader workers.
@@ -21,6 +22,7 @@ from sklearn.model_selection import train_test_split
 from torchvision.datasets import CIFAR10
 from tqdm import tqdm
 
+from cifar3.classes import CIFAR10_CLASSES, DEFAULT_CLASSES, parse_classes
 from cifar3.preprocessing import IMAGE_SIZE, pil_to_uint8, to_rgb
 
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parent.parent / "data"
@@ -44,10 +46,43 @@ class Dataset:
         return len(self.labels)
 
 
-def load_split(source: str, classes: list[str], split: str, data_root: Path = DEFAULT_DATA_ROOT) -> Dataset:
-    """split is 'train' or 'test'. An image folder has no split: it is returned whole."""
+def is_cifar_source(source: str) -> bool:
+    """'cifar10', a cifar-10-batches-py folder or its parent (anything else is an image folder)."""
     if source == "cifar10":
-        return _load_cifar_batches(_download_cifar10(data_root), classes, split)
+        return True
+    path = Path(source).expanduser()
+    return any((folder / "batches.meta").is_file() for folder in (path, path / CIFAR_DIR))
+
+
+def resolve_classes(source: str, text: str | None = None, unknown_data: str | None = None) -> list[str]:
+    """The classes to train on, in label order: ``text`` (--classes, comma-separated) or, without it, a CIFAR
+    source's DEFAULT_CLASSES and an image folder's sub-folders sorted by name. Only a CIFAR source's names are
+    checked against CIFAR-10's; an image folder's are checked when it is read. A sub-folder that is the
+    ``unknown_data`` folder holds images that are none of the classes: it is never one of them."""
+    if is_cifar_source(source):
+        return parse_classes(text or ",".join(DEFAULT_CLASSES), CIFAR10_CLASSES)
+    root = _data_folder(source)
+    unknown = Path(unknown_data).expanduser().resolve() if unknown_data else None
+    if unknown == root.resolve():
+        raise DataError(f"--unknown-data is the --data folder itself ({root}); pass a folder of images that are "
+                        "none of the classes, outside the class folders")  # fmt: skip
+    excluded = unknown.name if unknown is not None and unknown.parent == root.resolve() else None
+    if text is not None:
+        names = parse_classes(text)
+        if excluded in names:
+            raise DataError(f"--classes names {excluded}, the --unknown-data folder: its images are none of the "
+                            "classes, so it cannot be one")  # fmt: skip
+        return names
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != excluded)
+    if len(names) < 2:
+        raise DataError(
+            f"{root} needs one sub-folder per class, at least two (found: {', '.join(names) or 'none'}). "
+            "Put each class's images in a folder named after the class: songbird/, lorry/, ..."
+        )
+    return names
+
+
+def _data_folder(source: str) -> Path:
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(
@@ -55,6 +90,14 @@ def load_split(source: str, classes: list[str], split: str, data_root: Path = DE
         )
     if not path.is_dir():
         raise DataError(f"data path is not a folder: {path}")
+    return path
+
+
+def load_split(source: str, classes: list[str], split: str, data_root: Path = DEFAULT_DATA_ROOT) -> Dataset:
+    """split is 'train' or 'test'. An image folder has no split: it is returned whole."""
+    if source == "cifar10":
+        return _load_cifar_batches(_download_cifar10(data_root), classes, split)
+    path = _data_folder(source)
     for candidate in (path, path / CIFAR_DIR):
         if (candidate / "batches.meta").is_file():
             return _load_cifar_batches(candidate, classes, split)

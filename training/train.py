@@ -1,6 +1,10 @@
 """Train the cifar3 ResNet18 and write a checkpoint (state dict + metadata).
 
-    python -m training.train --data ../shared/data/cifar3/train --out checkpoints/cifar3.pt
+    python -m training.train --data PATH/TO/IMAGES --out checkpoints/cifar3.pt
+
+An image folder (one sub-folder per class, any names) trains on all its sub-folders, sorted by name;
+``--classes`` selects and orders them. A CIFAR source (``cifar10``, a cifar-10-batches-py folder) trains on
+airplane, automobile and ship unless ``--classes`` names other CIFAR-10 classes.
 
 Presets (the device picks gpu or cpu unless --preset says otherwise):
 
@@ -41,7 +45,6 @@ from torch import nn
 from tqdm import tqdm
 
 from cifar3.checkpoint import ModelMeta, save_checkpoint
-from cifar3.classes import DEFAULT_CLASSES, parse_classes
 from cifar3.hardware import describe_machine
 from cifar3.inference import fit_temperature, native_bfloat16, predict_logits
 from cifar3.model import (
@@ -53,7 +56,15 @@ from cifar3.model import (
 )
 from cifar3.preprocessing import CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE, normalize
 from cifar3.unknown import ENERGY, OTHER_CLASS, class_logits, fit_threshold, split_scores
-from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, limit_per_class, load_split, stratified_split
+from training.data import (
+    DEFAULT_DATA_ROOT,
+    DataError,
+    Dataset,
+    limit_per_class,
+    load_split,
+    resolve_classes,
+    stratified_split,
+)
 from training.unknowns import is_cifar_source, load_unknowns, rejection_figures, synthetic_unknowns
 
 
@@ -120,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("checkpoints/cifar3.pt"), help="checkpoint to write")
     p.add_argument(
         "--classes",
-        default=",".join(DEFAULT_CLASSES),
-        help="comma-separated CIFAR-10 class names; label i is the i-th name",
+        help="comma-separated class names, label i is the i-th: sub-folders of an image folder (default: all of "
+        "them, sorted by name), CIFAR-10 names for a CIFAR source (default: airplane,automobile,ship)",
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument(
@@ -527,7 +538,7 @@ def train(args: argparse.Namespace) -> dict:
         recipe.time_budget_s = args.time_budget or None
     if args.steps is not None and args.steps < 1:
         raise ValueError("--steps must be at least 1")
-    classes = parse_classes(args.classes)
+    classes = resolve_classes(args.data, args.classes, args.unknown_data)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
