@@ -7,6 +7,7 @@ The analysis is checked on hand-made counts; the counting process is checked for
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -43,22 +44,43 @@ def test_summary_counts_slow_windows_per_cpu_and_together():
     assert "below 50% speed in 0.0% of 10-ms windows" in cpuprobe.describe(steady)
 
 
-def test_a_stopped_counter_shows_one_episode_as_long_as_the_stop():
-    """A real counting process, stopped for 0.3 s from 0.8 s on: the probe must see one slow episode there."""
+def stopped_counter(stop_at: float, stop_s: float, seconds: float = 2.0) -> tuple[list[int], float, float]:
+    """A real counting process, stopped (SIGSTOP) ``stop_at`` s into its count for at least ``stop_s`` s:
+    (its counts, and when the stop surely began and ended, in seconds from the start of its count).
+
+    The times are this process's own readings around the signals, not the planned ones: on a busy machine the
+    counter may start late and this process may wake late, so only the measured interval is certain."""
     start_at = time.monotonic() + 1.0
-    command = cpuprobe.counter_command(min(os.sched_getaffinity(0)), 2.0, start_at)
+    command = cpuprobe.counter_command(min(os.sched_getaffinity(0)), seconds, start_at)
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    time.sleep(max(0.0, start_at + 0.8 - time.monotonic()))
+    time.sleep(max(0.0, start_at + stop_at - time.monotonic()))
     proc.send_signal(signal.SIGSTOP)
-    time.sleep(0.3)
+    stopped = time.monotonic()  # kill() has returned: the counter runs no more user code from here on
+    time.sleep(stop_s)
+    resumed = time.monotonic()  # read before SIGCONT: the counter is still stopped at this instant
     proc.send_signal(signal.SIGCONT)
-    counts = json.loads(proc.communicate(timeout=30)[0])
-    assert len(counts) == 200
-    assert counts[85:105] == [0] * 20  # stopped: nothing counted, and the clock moved on
-    assert sum(c > 0 for c in counts) > 150
+    counts = json.loads(proc.communicate(timeout=60)[0])
+    return counts, stopped - start_at, resumed - start_at
+
+
+def test_a_stopped_counter_shows_one_episode_as_long_as_the_stop():
+    """A counter stopped for 0.3 s from 0.8 s on: nothing is counted in the windows within the stop, the probe
+    sees them as one slow episode, and the counter counted before and after it."""
+    window = cpuprobe.WINDOW_S
+    for _ in range(3):  # a machine too busy to start the counter before the stop, or to stop it in time: again
+        counts, stopped, resumed = stopped_counter(0.8, 0.3)
+        first, last = math.ceil(stopped / window) + 1, math.floor(resumed / window) - 1  # windows inside the stop
+        if any(counts[: first - 1]) and last < len(counts) - 10:
+            break
+    else:
+        pytest.fail(f"the counter never ran before its stop, or the stop ended too late: stop {stopped:.2f}-"
+                    f"{resumed:.2f} s, counts {counts}")  # fmt: skip
+    assert len(counts) == 200 and last - first >= 25  # 2 s of 10-ms windows; the stop spans at least 0.27 s
+    assert counts[first : last + 1] == [0] * (last + 1 - first)  # stopped: nothing counted, the clock moved on
+    assert any(counts[last + 2 :]), "the counter never counted again after SIGCONT"
     runs = cpuprobe.episodes(cpuprobe.slow_windows(counts))
     # one episode covers the stop (the host's own slow episodes may lengthen it, never split it)
-    assert any(begin <= 0.85 and begin + length >= 1.05 for begin, length in runs), runs
+    assert any(begin <= first * window and begin + length >= (last + 1) * window for begin, length in runs), runs
 
 
 def test_cli_prints_one_line_and_refuses_a_bad_length():

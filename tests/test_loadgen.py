@@ -79,6 +79,7 @@ def test_bad_arguments_are_refused():
 # -- against a real TorchServe ----------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_closed_loop_keeps_every_connection_busy_and_counts_every_answer(server, bodies):
     url, headers = target(server)
     result = run_load(url, bodies, headers, concurrency=4, seconds=2.0)
@@ -89,6 +90,7 @@ def test_closed_loop_keeps_every_connection_busy_and_counts_every_answer(server,
     assert 1.5 < result.seconds < 2.0 + 30  # the last answers come in after the 2 s of sending
 
 
+@pytest.mark.server
 def test_open_loop_sends_at_the_rate_whatever_the_answers(server, bodies):
     url, headers = target(server)
     result = run_load(url, bodies, headers, concurrency=4, seconds=2.0, rate=15)
@@ -98,6 +100,7 @@ def test_open_loop_sends_at_the_rate_whatever_the_answers(server, bodies):
     assert all(abs(g - 1 / 15) < 1e-6 for g in gaps)  # due times are the schedule, not the send times
 
 
+@pytest.mark.server
 def test_error_answers_are_counted_and_good_requests_beside_them_succeed(server, bodies):
     url, headers = target(server)
     result = run_load(url, [b"not an image", *bodies[:3]], headers, concurrency=2, seconds=1.5)
@@ -119,6 +122,7 @@ def test_a_port_with_no_server_gives_no_answer_samples_and_ends_on_time():
 # -- the benchmark script ---------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_benchmark_quick_run_writes_its_report(tiny_checkpoint, tmp_path):
     out = tmp_path / "reports"
     done = run_cli(PYTHON, str(ROOT / "bench" / "benchmark.py"), "--checkpoint", str(tiny_checkpoint), "--quick",
@@ -167,6 +171,7 @@ def test_benchmark_avx2_mode_restricts_torch_in_its_processes(tiny_checkpoint, t
     assert {r["capability"] for r in result["runs"]} == {"AVX2"}
 
 
+@pytest.mark.server
 def test_layouts_serve_each_layout_with_its_settings(tiny_checkpoint, tmp_path):
     """bench.layouts archives the checkpoint with each layout's model-config and the server runs exactly it."""
     report = tmp_path / "layouts"
