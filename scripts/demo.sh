@@ -2,13 +2,14 @@
 # The main job in one command: set up, train (if needed), evaluate, archive, serve, open the UI.
 #
 #   scripts/demo.sh                 # data: $CIFAR3_DATA, default torchvision's CIFAR-10 download
-#   scripts/demo.sh --data ../shared/data/cifar3/train
+#   scripts/demo.sh --data PATH/TO/IMAGES    # an image folder: one sub-folder per class
 #   scripts/demo.sh stop            # stop everything the demo started
 #
 # Idempotent and resumable: a second run reuses .venv, checkpoints/cifar3.pt, run/eval and
 # model_store/cifar3.mar when they are newer than what they are made from, and a server or UI that
-# is already running. It writes only git-ignored paths (checkpoints/, run/, model_store/). Env: CIFAR3_DATA, CIFAR3_EVAL_DATA (default: CIFAR-10's official test split for
-# cifar10 data, otherwise the checkpoint's own validation split), CIFAR3_UI_PORT (8501).
+# is already running (TorchServe is restarted when the archive was rebuilt). It writes only git-ignored
+# paths (checkpoints/, run/, model_store/). Env: CIFAR3_DATA, CIFAR3_EVAL_DATA (default: CIFAR-10's official
+# test split for cifar10 data, otherwise the checkpoint's own validation split), CIFAR3_UI_PORT (8501).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -71,17 +72,21 @@ done_step
 
 step "4/6 archive ($mar)"
 # Rebuilt when the checkpoint, the handler, its config or the serving core changed since.
+archived=0
 if [ -f "$mar" ] && [ -z "$(find "$checkpoint" handler cifar3 -newer "$mar" -type f \( -name '*.pt' -o -name '*.py' -o -name '*.yaml' \) | head -1)" ]; then
   echo "    reusing $mar"
 else
   scripts/archive.sh "$checkpoint"
+  archived=1
 fi
 done_step
 
 step "5/6 TorchServe (config.properties)"
-if "$py" scripts/serve.py status >/dev/null 2>&1; then
+# TorchServe reads the .mar when it starts: a server already running keeps serving the old archive.
+if [ "$archived" = 0 ] && "$py" scripts/serve.py status >/dev/null 2>&1; then
   echo "    already running and READY"
 else
+  if [ "$archived" = 1 ]; then echo "    (re)starting: $mar was rebuilt"; fi
   "$py" scripts/serve.py stop >/dev/null 2>&1 || true
   "$py" scripts/serve.py start
 fi
