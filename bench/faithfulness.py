@@ -35,7 +35,6 @@ from PIL import Image, ImageDraw
 from cifar3.checkpoint import load_checkpoint
 from cifar3.explain import GradCam, default_layer
 from cifar3.hardware import describe_cpu
-from cifar3.inference import calibrated_probs
 from cifar3.preprocessing import normalize
 from training.evaluate import validation_split
 from ui.client import overlay_heatmap
@@ -75,21 +74,21 @@ def random_mask(shape: tuple[int, int, int], fraction: float, gen: torch.Generat
 
 
 @torch.no_grad()
-def class_probs(model, batch: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch.cat([calibrated_probs(model(part), temperature) for part in batch.split(BATCH)])
+def class_probs(model, batch: torch.Tensor, meta) -> torch.Tensor:
+    return torch.cat([meta.scores(model(part))[0] for part in batch.split(BATCH)])
 
 
 def deletion(model, meta, images: torch.Tensor, layers: list[str], seed: int = 0) -> dict:
     """{layer: {drop_top, drop_random, ratio, zero_maps}} over uint8 images, plus the predictions."""
     batch = normalize(images, meta.mean, meta.std)
-    probs = class_probs(model, batch, meta.temperature)
+    probs = class_probs(model, batch, meta)
     predicted = probs.argmax(1)
     p = probs.gather(1, predicted[:, None])[:, 0]
     gen = torch.Generator().manual_seed(seed)
     p_random = torch.stack(
         [
             class_probs(
-                model, remove(batch, random_mask(batch.shape[:1] + batch.shape[2:], FRACTION, gen)), meta.temperature
+                model, remove(batch, random_mask(batch.shape[:1] + batch.shape[2:], FRACTION, gen)), meta
             ).gather(1, predicted[:, None])[:, 0]
             for _ in range(RANDOM_DRAWS)
         ]
@@ -100,9 +99,7 @@ def deletion(model, meta, images: torch.Tensor, layers: list[str], seed: int = 0
         maps = torch.cat(
             [cam.heatmaps(b, t.tolist()) for b, t in zip(batch.split(BATCH), predicted.split(BATCH), strict=True)]
         )
-        p_top = class_probs(model, remove(batch, top_mask(maps, FRACTION)), meta.temperature).gather(
-            1, predicted[:, None]
-        )[:, 0]
+        p_top = class_probs(model, remove(batch, top_mask(maps, FRACTION)), meta).gather(1, predicted[:, None])[:, 0]
         drop_top, drop_random = float((p - p_top).mean()), float((p - p_random).mean())
         results[layer] = {
             "grid": cam.grid,

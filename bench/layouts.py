@@ -5,7 +5,8 @@
     .venv/bin/python -m bench.layouts --avx2 --report reports/layouts-avx2 ...
 
 Each layout is the repository's handler/model-config.yaml with minWorkers, handler.threads, batchSize and
-maxBatchDelay replaced (and ``engine=...`` if given); the checkpoint is archived with it and served by a
+maxBatchDelay replaced (and ``engine=...`` if given); the checkpoint (``--checkpoint``, or ``checkpoint=PATH`` in
+the layout, to compare models served the same way) is archived with it and served by a
 real TorchServe on free loopback ports, driven by bench/loadgen.py exactly as bench/benchmark.py does.
 ``--avx2`` emulates an ordinary AVX2 CPU for PyTorch, as in the benchmark. Writes REPORT.json and REPORT.md.
 """
@@ -31,10 +32,13 @@ KEYS = {"workers": ("minWorkers",), "threads": ("handler", "threads"), "batch": 
 
 
 def layout_config(spec: str, base: dict) -> dict:
-    """``workers=2,threads=1,batch=8,delay=1[,engine=onnxruntime]`` applied to the base model-config."""
+    """``workers=2,threads=1,batch=8,delay=1[,engine=onnxruntime]`` applied to the base model-config (a
+    ``checkpoint=PATH`` item is the checkpoint's, not the config's: see ``layout_checkpoint``)."""
     config = json.loads(json.dumps(base))  # a deep copy
     for item in spec.split(","):
         key, _, value = item.partition("=")
+        if key == "checkpoint":
+            continue
         if key not in KEYS or not value:
             raise ValueError(f"bad layout item {item!r}: use {', '.join(f'{k}=VALUE' for k in KEYS)}")
         *parents, leaf = KEYS[key]
@@ -46,9 +50,15 @@ def layout_config(spec: str, base: dict) -> dict:
     return config
 
 
+def layout_checkpoint(spec: str, default: Path) -> Path:
+    """The layout's ``checkpoint=PATH``, else ``default``."""
+    items = dict(item.partition("=")[::2] for item in spec.split(","))
+    return Path(items["checkpoint"]) if items.get("checkpoint") else default
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.layouts", description=__doc__.split("\n\n")[0])
-    parser.add_argument("layouts", nargs="+", help="workers=W,threads=T,batch=B,delay=MS[,engine=E]")
+    parser.add_argument("layouts", nargs="+", help="workers=W,threads=T,batch=B,delay=MS[,engine=E][,checkpoint=PATH]")
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "cifar3.pt")
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--concurrency", default="1,16,64")
@@ -72,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(tmp) / f"model-config-{i}.yaml"
             path.write_text(yaml.safe_dump(config))
             print(f"layout {spec} ...", flush=True)
-            results.append({"layout": spec, **serve_torchserve(args.checkpoint, path, images, levels, args.seconds)})
+            checkpoint = layout_checkpoint(spec, args.checkpoint)
+            results.append({"layout": spec, **serve_torchserve(checkpoint, path, images, levels, args.seconds)})
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cifar3.model import build_model
-from cifar3.unknown import extra_outputs
+from cifar3.unknown import extra_outputs, split_scores
 
 FORMAT_VERSION = 1
 
@@ -43,6 +43,10 @@ class ModelMeta:
     def num_outputs(self) -> int:
         """The network's outputs: one per class, plus the other-class output of a model trained with unknowns."""
         return len(self.classes) + extra_outputs(self.unknown)
+
+    def scores(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's logits -> (calibrated N x C class probabilities, N unknown scores): what answers report."""
+        return split_scores(logits, len(self.classes), self.temperature, self.unknown)
 
 
 class CheckpointError(RuntimeError):

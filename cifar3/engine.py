@@ -35,7 +35,6 @@ from cifar3.inference import (
     prepare_for_inference,
 )
 from cifar3.preprocessing import normalize
-from cifar3.unknown import split_scores
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +190,7 @@ def predict_scores(
         for start in range(0, len(images), batch_size)
     ]
     logits = torch.cat(outputs) if outputs else torch.empty(0, meta.num_outputs)
-    return split_scores(logits, len(meta.classes), meta.temperature, meta.unknown)
+    return meta.scores(logits)
 
 
 def predict_probs(engine: Engine, meta: ModelMeta, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:

@@ -30,7 +30,6 @@ from cifar3.checkpoint import CheckpointError, load_checkpoint
 from cifar3.engine import ONNX_INPUT, ONNX_OUTPUT, OnnxRuntimeEngine, predict_probs, predict_scores
 from cifar3.inference import predict_logits
 from cifar3.preprocessing import ImageDecodeError, decode_image, normalize, pil_to_uint8
-from cifar3.unknown import split_scores
 
 TOLERANCE = 1e-4  # largest difference in any calibrated probability or unknown score the export may make
 INT8_AGREEMENT = 0.98  # least share of the images on which the int8 model must predict what float32 does
@@ -105,7 +104,7 @@ def max_difference(checkpoint: str | Path, onnx_path: str | Path, images: torch.
     dynamic and that batching changes nothing)."""
     model, meta = load_checkpoint(checkpoint)  # the network as trained, BatchNorm unfolded: the source of truth
     logits = predict_logits(model, images, meta.mean, meta.std)
-    probs, scores = split_scores(logits, len(meta.classes), meta.temperature, meta.unknown)
+    probs, scores = meta.scores(logits)
     expected = torch.cat([probs, scores.unsqueeze(1)], 1)
     onnx = OnnxRuntimeEngine(onnx_path, threads=torch.get_num_threads())
     differences = []

@@ -39,7 +39,7 @@ from ts.utils.util import PredictionException
 from cifar3.checkpoint import load_checkpoint
 from cifar3.engine import ONNX_FILE, ONNX_FILES, load_engine
 from cifar3.preprocessing import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, eval_transform
-from cifar3.unknown import decision, split_scores
+from cifar3.unknown import decision
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class Cifar3Handler(BaseHandler):
 
     def inference(self, data, *args, **kwargs):
         """(calibrated N x C class probabilities, N unknown scores) of a normalized batch."""
-        return split_scores(self.engine(data), len(self.meta.classes), self.meta.temperature, self.meta.unknown)
+        return self.meta.scores(self.engine(data))
 
     def postprocess(self, data):
         classes, rule = self.meta.classes, self.unknown_rule

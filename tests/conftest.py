@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from synthetic import write_cifar_batches, write_image_folder
+from synthetic import write_cifar_batches, write_image_folder, write_unknown_folder
 
 from scripts.serve import Server, free_ports, start_server, write_server_config  # noqa: F401  (re-exported for tests)
 
@@ -40,13 +40,19 @@ def image_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def unknown_folder(tmp_path_factory) -> Path:
+    return write_unknown_folder(tmp_path_factory.mktemp("unknown"), per_source=60)
+
+
+@pytest.fixture(scope="session")
 def cifar_dir(tmp_path_factory) -> Path:
     return write_cifar_batches(tmp_path_factory.mktemp("cifar"))
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory, image_folder) -> Path:
-    """A real checkpoint from the real training CLI, in seconds: 2 epochs on 180 synthetic images."""
+def tiny_checkpoint(tmp_path_factory, image_folder, unknown_folder) -> Path:
+    """A real checkpoint from the real training CLI, in seconds: 2 epochs on 180 synthetic images of the classes
+    and 120 unknown ones (grey and yellow: colours no class has), so it has the other-class output."""
     out = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     result = run_cli(
         PYTHON,
@@ -64,6 +70,12 @@ def tiny_checkpoint(tmp_path_factory, image_folder) -> Path:
         "0.05",
         "--device",
         "cpu",
+        "--unknown-data",
+        str(unknown_folder),
+        "--synthetic-unknowns",
+        "0",
+        "--unknown-ratio",
+        "0.5",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return out

@@ -28,7 +28,7 @@ from cifar3.engine import (
     load_engine,
     predict_probs,
 )
-from cifar3.inference import calibrated_probs, native_bfloat16, predict_logits
+from cifar3.inference import native_bfloat16, predict_logits
 from cifar3.preprocessing import pil_to_uint8
 
 CLASSES = ["airplane", "automobile", "ship"]
@@ -83,7 +83,7 @@ def test_explicit_engines_and_bad_names():
 
 def test_onnxruntime_equals_pytorch_float32_at_any_batch_size(tiny_checkpoint, onnx_model, images):
     model, meta = load_checkpoint(tiny_checkpoint)
-    expected = calibrated_probs(predict_logits(model, images, meta.mean, meta.std), meta.temperature)
+    expected = meta.scores(predict_logits(model, images, meta.mean, meta.std))[0]
     engine, _ = load_engine(tiny_checkpoint, "onnxruntime", onnx_path=onnx_model, threads=1)
     assert isinstance(engine, OnnxRuntimeEngine)
     assert engine.describe() == {"engine": "onnxruntime", "dtype": "float32", "threads": 1, "device": "cpu"}
@@ -193,7 +193,8 @@ def evaluate_predictions(checkpoint, folder, report, engine: str, onnx=None) -> 
                    *(["--onnx", str(onnx)] if onnx else []))  # fmt: skip
     assert done.returncode == 0, done.stderr
     with open(report / "predictions.csv") as f:
-        return {row["path"]: [float(row[c]) for c in CLASSES] for row in csv.DictReader(f)}
+        # the class probabilities, then the unknown score
+        return {row["path"]: [float(row[c]) for c in [*CLASSES, "unknown_score"]] for row in csv.DictReader(f)}
 
 
 def described(server) -> dict:
@@ -203,12 +204,16 @@ def described(server) -> dict:
     return json.loads(custom) if isinstance(custom, str) else custom
 
 
-def engine_server(tmp_path_factory, tiny_checkpoint, engine: str):
-    """Another real TorchServe whose model-config asks for ``engine`` (the session's asks auto), and the
-    exported model it runs, taken out of its .mar."""
+# The int8 server's model-config also overrides the checkpoint's unknown-image threshold.
+OVERRIDDEN_THRESHOLD = 0.25
+
+
+def engine_server(tmp_path_factory, tiny_checkpoint, engine: str, **handler_options):
+    """Another real TorchServe whose model-config asks for ``engine`` (the session's asks auto) and any other
+    ``handler_options``, and the exported model it runs, taken out of its .mar."""
     folder = tmp_path_factory.mktemp(f"{engine}-server")
     config = {**MODEL_CONFIG, "minWorkers": 1, "maxWorkers": 1,
-              "handler": {**MODEL_CONFIG["handler"], "engine": engine}}  # fmt: skip
+              "handler": {**MODEL_CONFIG["handler"], "engine": engine, **handler_options}}  # fmt: skip
     (folder / "model-config.yaml").write_text(yaml.safe_dump(config))
     env = {"MODEL_STORE": str(folder / "store"), "MODEL_CONFIG": str(folder / "model-config.yaml")}
     done = run_cli("bash", str(ROOT / "scripts" / "archive.sh"), str(tiny_checkpoint), env=env)
@@ -228,7 +233,8 @@ def onnxruntime_server(tmp_path_factory, tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def int8_server(tmp_path_factory, tiny_checkpoint):
-    server, onnx = engine_server(tmp_path_factory, tiny_checkpoint, "onnxruntime-int8")
+    server, onnx = engine_server(tmp_path_factory, tiny_checkpoint, "onnxruntime-int8",
+                                 unknown_threshold=OVERRIDDEN_THRESHOLD)  # fmt: skip
     yield server, onnx
     server.stop()
 
@@ -256,8 +262,20 @@ def test_served_probabilities_equal_evaluate_with_the_same_engine(which, request
     assert info["engine_requested"] == which and info["threads"] == MODEL_CONFIG["handler"]["threads"]
     if which != "auto":
         assert info["engine"] == which and info["dtype"] == ("int8" if which.endswith("int8") else "float32")
+    # the threshold: the checkpoint's, or model-config's where it overrides it, as describe says
+    _, meta = load_checkpoint(tiny_checkpoint)
+    overridden = which == "onnxruntime-int8"
+    threshold = OVERRIDDEN_THRESHOLD if overridden else meta.unknown["threshold"]
+    assert (
+        info["unknown"]["threshold"] == threshold
+        and info["unknown"]["checkpoint_threshold"] == meta.unknown["threshold"]
+    )
+    assert info["unknown"]["threshold_source"] == ("model-config" if overridden else "checkpoint")
     for path in files:
         answer = requests.post(f"{server.inference_url}/predictions/cifar3", data=path.read_bytes(),
                                headers=server.headers(), timeout=60)  # fmt: skip
         assert answer.status_code == 200, answer.text
-        assert [answer.json()["probs"][c] for c in CLASSES] == pytest.approx(expected[str(path)], abs=1e-4)
+        body = answer.json()
+        served = [body["probs"][c] for c in CLASSES] + [body["unknown_score"]]
+        assert served == pytest.approx(expected[str(path)], abs=1e-4)
+        assert body["unknown"] == (body["unknown_score"] > threshold)

@@ -22,7 +22,7 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from cifar3.checkpoint import load_checkpoint
 from cifar3.engine import ONNX_FILES, choose_engine, load_engine, predict_probs
-from cifar3.inference import calibrated_probs, dtype_name, predict_logits
+from cifar3.inference import dtype_name, predict_logits
 from cifar3.preprocessing import ImageDecodeError, decode_image, pil_to_uint8
 from handler.cifar3_handler import Cifar3Handler
 
@@ -195,7 +195,7 @@ def test_handler_probabilities_equal_in_process_evaluation(handler, model_dir, t
     uint8 = torch.stack([pil_to_uint8(im) for im in images])
 
     def probs(net):
-        return calibrated_probs(predict_logits(net, uint8, meta.mean, meta.std), meta.temperature)
+        return meta.scores(predict_logits(net, uint8, meta.mean, meta.std))[0]
 
     _, bodies = handle(handler, model_dir, [{"body": encode(im)} for im in images])
     served = torch.tensor([[b["probs"][c] for c in CLASSES] for b in bodies])

@@ -273,7 +273,8 @@ def v2_answers(response: requests.Response) -> list[dict]:
 
 def assert_answer(answer: dict) -> None:
     # "unknown" and "unknown_score": the handler's verdict on images of none of the classes (ARCHITECTURE.md).
-    assert {"pred_class", "probs"} <= set(answer) <= {"pred_class", "probs", "unknown", "unknown_score"}
+    assert set(answer) == {"pred_class", "probs", "unknown", "unknown_score"}
+    assert isinstance(answer["unknown"], bool) and isinstance(answer["unknown_score"], float)
     assert list(answer["probs"]) == CLASSES
     assert answer["pred_class"] == max(answer["probs"], key=answer["probs"].get)
     assert sum(answer["probs"].values()) == pytest.approx(1, abs=1e-5)

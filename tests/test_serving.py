@@ -17,7 +17,7 @@ from synthetic import encode, sample_image
 from test_handler import png_with_declared_size
 
 from cifar3.checkpoint import load_checkpoint
-from cifar3.inference import calibrated_probs, inference_dtype, predict_logits, prepare_for_inference
+from cifar3.inference import inference_dtype, predict_logits, prepare_for_inference
 from cifar3.preprocessing import pil_to_uint8
 
 pytestmark = pytest.mark.server
@@ -89,7 +89,7 @@ def test_served_probabilities_equal_in_process_evaluation(server, tiny_checkpoin
     image = pil_to_uint8(sample_image(CLASSES[0], seed=100)).unsqueeze(0)
 
     def probs(net):
-        return calibrated_probs(predict_logits(net, image, meta.mean, meta.std), meta.temperature)[0].tolist()
+        return meta.scores(predict_logits(net, image, meta.mean, meta.std))[0][0].tolist()
 
     float32 = probs(model)
     assert probs(prepare_for_inference(model, inference_dtype("auto", torch.device("cpu")))) == pytest.approx(

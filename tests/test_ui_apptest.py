@@ -11,9 +11,10 @@ import pytest
 import requests
 from conftest import MODEL_CONFIG, ROOT
 from loopback import LoopbackServer
+from PIL import Image
 from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
-from synthetic import encode, sample_image
+from synthetic import class_images, encode, sample_image
 
 APP = ROOT / "ui" / "app.py"
 TIMEOUT = 60  # seconds per script run: generous for a loaded 2-core machine
@@ -120,6 +121,19 @@ def test_several_images_each_get_their_own_answer(app, server):
     shown = [m.value for m in app.main.markdown if m.value.startswith("#### ")]
     assert shown == [f"#### {name}: **{pred}**" for (name, _), pred in zip(files, expected, strict=True)]
     assert len(charts(app)) == 3 and "3 of 3 image(s) classified" in " ".join(c.value for c in app.main.caption)
+
+
+def test_an_image_of_none_of_the_classes_says_so_and_still_shows_the_probabilities(app, server):
+    data = encode(Image.fromarray(class_images("grey", 1, seed=5)[0]), "PNG")
+    expected = server_answer(server, data)
+    assert expected["unknown"] is True
+    upload(app, ("grey.png", data))
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert "#### grey.png: looks like none of: airplane, automobile, ship" in [m.value for m in app.main.markdown]
+    caption = " ".join(c.value for c in app.main.caption)
+    assert f"closest class {expected['pred_class']}" in caption and "above the server's threshold" in caption
+    [chart] = charts(app)
+    assert sorted(chart_frame(chart)["class"]) == ["airplane", "automobile", "ship"]
 
 
 def test_a_bad_image_shows_the_servers_message(app, server):

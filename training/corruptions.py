@@ -120,13 +120,17 @@ def write_corrupted_folders(data: Dataset, classes: list[str], out: Path, seed: 
 
 def evaluate_folders(checkpoint: Path, out: Path, names: list[str]) -> dict:
     """Accuracy of ``checkpoint`` on each folder, as ``training.evaluate --data out/<name>`` computes it (the
-    engine the handler would pick here), and which engine that was."""
+    engine the handler would pick here), the share of each folder its stored threshold calls unknown
+    (``rejected``; absent for a checkpoint without a threshold), and which engine that was."""
     engine, meta = load_engine(checkpoint)
-    accuracy = {}
+    accuracy, rejected = {}, {}
     for name in names:
         data = load_split(str(out / name), meta.classes, "test")
-        accuracy[name] = evaluate(engine, meta, data.images, data.labels)[0]["accuracy"]
-    return accuracy | {"engine": engine.describe()}
+        metrics = evaluate(engine, meta, data.images, data.labels)[0]
+        accuracy[name] = metrics["accuracy"]
+        if "known_accepted" in metrics["unknown"]:
+            rejected[name] = round(1 - metrics["unknown"]["known_accepted"], 5)
+    return accuracy | {"rejected": rejected, "engine": engine.describe()}
 
 
 def summarise(accuracy: dict[str, float]) -> dict[str, float]:
@@ -153,6 +157,14 @@ def render_report(results: dict[str, dict], source: str, n: int, machine: str) -
     lines.append("| **mean over corruptions** | " + " | ".join(
         f"**{results[label]['mean_corrupted']:.2%}**" for label in labels) + " |")  # fmt: skip
     lines.append("| mean / clean | " + " | ".join(f"{results[label]['ratio_to_clean']:.3f}" for label in labels) + " |")
+    rejecting = [label for label in labels if results[label].get("rejected")]
+    if rejecting:
+        lines += ["", "Share of the known images each checkpoint's stored threshold calls unknown:", "",
+                  "| corruption | " + " | ".join(f"`{label}`" for label in rejecting) + " |",
+                  "|---|" + "---:|" * len(rejecting)]  # fmt: skip
+        for name in ["clean", *CORRUPTIONS]:
+            lines.append(f"| {name} | " + " | ".join(f"{results[label]['rejected'][name]:.2%}" for label in rejecting)
+                         + " |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -30,7 +30,7 @@ from cifar3.hardware import describe_machine
 from cifar3.inference import DTYPES
 from cifar3.unknown import decision
 from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, limit_per_class, load_split, stratified_split
-from training.unknowns import load_unknowns, rejection_figures
+from training.unknowns import load_unknowns, rejection_figures, unknown_split
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
@@ -62,9 +62,9 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
 
 def evaluate(
     engine: Engine, meta: ModelMeta, images: torch.Tensor, labels: torch.Tensor, unknown: Dataset | None = None
-) -> tuple[dict, np.ndarray]:
-    """(metrics, calibrated probabilities N x C) for uint8 images with labels in meta.classes order; with
-    ``unknown`` images (labels: their source), also how well the stored threshold tells them apart."""
+) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(metrics, calibrated probabilities N x C, unknown scores N) for uint8 images with labels in meta.classes
+    order; with ``unknown`` images (labels: their source), also how well the stored threshold tells them apart."""
     probs, scores = predict_scores(engine, meta, images)
     probs = probs.numpy()
     y_true, y_pred = labels.numpy(), probs.argmax(1)
@@ -89,7 +89,7 @@ def evaluate(
         "variant": meta.variant,
         "unknown": unknown_metrics(engine, meta, scores, unknown),
     }
-    return metrics, probs
+    return metrics, probs, scores.numpy()
 
 
 def unknown_metrics(engine: Engine, meta: ModelMeta, known_scores: torch.Tensor, unknown: Dataset | None) -> dict:
@@ -121,6 +121,20 @@ def validation_split(meta: ModelMeta, data_root: Path) -> Dataset:
     return val
 
 
+def unknown_data(args: argparse.Namespace, meta: ModelMeta) -> Dataset | None:
+    """--unknown-data's images (a CIFAR source: its other classes' test split), or with --validation the
+    unknown validation split the checkpoint's threshold was fitted beside, or None."""
+    if args.unknown_data:
+        return load_unknowns(args.unknown_data, args.data_root, "test", meta.classes)
+    config = meta.train_config
+    if not (args.validation and config.get("unknown_data")):
+        return None
+    _, val = unknown_split(config["unknown_data"], meta.classes, args.data_root, config["limit"],
+                           config["val_fraction"], config["seed"])  # fmt: skip
+    val.source = f"{config['unknown_data']} (validation split: {config['val_fraction']:.0%}, seed {config['seed']})"
+    return val
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True)
@@ -133,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--unknown-data", help="images that are none of the classes: an image folder (per-source figures "
                    "by top-level sub-folder) or a CIFAR source (its other classes' test images); adds the AUROC and "
-                   "the share rejected at the checkpoint's threshold to metrics.json")  # fmt: skip
+                   "the share rejected at the checkpoint's threshold to metrics.json (default with --validation: "
+                   "the checkpoint's own unknown validation split, if it was trained with unknown images)")  # fmt: skip
     p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT, help="download cache for --data cifar10")
     p.add_argument("--report-dir", type=Path, default=Path("reports/eval"))
     p.add_argument(
@@ -164,11 +179,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.validation
             else load_split(args.data, meta.classes, "test", args.data_root)
         )
-        unknown = load_unknowns(args.unknown_data, args.data_root, "test", meta.classes) if args.unknown_data else None
+        unknown = unknown_data(args, meta)
     except (CheckpointError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    metrics, probs = evaluate(engine, meta, data.images, data.labels, unknown)
+    metrics, probs, scores = evaluate(engine, meta, data.images, data.labels, unknown)
     metrics["data"] = data.source
     metrics |= engine.describe()  # engine, dtype, threads, device: what produced these figures
     metrics |= {"machine": describe_machine(engine.device), "date": date.today().isoformat()}
@@ -196,10 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.predictions:
         with open(args.report_dir / "predictions.csv", "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["path", "label", "pred_class", *meta.classes])
+            writer.writerow(["path", "label", "pred_class", *meta.classes, "unknown_score", "unknown"])
+            rule = decision(meta.unknown)
             for i, row in enumerate(probs):
                 path = data.paths[i] if data.paths else ""
-                writer.writerow([path, meta.classes[data.labels[i]], meta.classes[row.argmax()], *map(float, row)])
+                writer.writerow([path, meta.classes[data.labels[i]], meta.classes[row.argmax()], *map(float, row),
+                                 float(scores[i]), rule.is_unknown(float(scores[i]))])  # fmt: skip
     rejection = metrics["unknown"]
     if "auroc" in rejection:
         print(f"unknown images ({rejection['data']}): {rejection['score']} score, threshold {rejection['threshold']}")

@@ -60,12 +60,13 @@ from training.data import (
     DEFAULT_DATA_ROOT,
     DataError,
     Dataset,
+    is_cifar_source,
     limit_per_class,
     load_split,
     resolve_classes,
     stratified_split,
 )
-from training.unknowns import is_cifar_source, load_unknowns, rejection_figures, synthetic_unknowns
+from training.unknowns import rejection_figures, synthetic_unknowns, unknown_split
 
 
 @dataclass
@@ -85,7 +86,7 @@ class Recipe:
     bf16: bool = True  # bf16 autocast where the device computes it natively (a GPU; a CPU with AVX512-BF16/AMX)
     # With unknown images (--unknown-data): how many go into each batch per known image, and how they are learnt:
     # "other-class" (one more output, their label) or "outlier-exposure" (a uniform target over the classes).
-    unknown_ratio: float = 0.5
+    unknown_ratio: float = 0.25
     unknown_loss: str = OTHER_CLASS
     synthetic_unknowns: int = 4000  # synthetic unknown images added to the unknown data (training/unknowns.py)
 
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-unknown-data", action="store_true", help="train on the classes alone, even with a CIFAR --data"
     )
     p.add_argument("--unknown-ratio", type=float, metavar="R",
-                   help="unknown images per known image in each batch (preset: 0.5)")  # fmt: skip
+                   help="unknown images per known image in each batch (preset: 0.25)")  # fmt: skip
     p.add_argument("--unknown-loss", choices=UNKNOWN_LOSSES, help="how unknown images are learnt (preset: other-class)")
     p.add_argument("--synthetic-unknowns", type=int, metavar="N",
                    help="synthetic unknown images added to --unknown-data (noise, flat colours, shuffled tiles; "
@@ -464,13 +465,12 @@ def load_unknown_data(
     source = unknown_source(args)
     if source is None:
         return None, None
-    data = limit_per_class(load_unknowns(source, args.data_root, "train", classes), args.limit, args.seed)
-    train, val = stratified_split(data, args.val_fraction, args.seed)
+    train, val = unknown_split(source, classes, args.data_root, args.limit, args.val_fraction, args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
     synthetic = synthetic_unknowns(recipe.synthetic_unknowns, train_set.images, gen)
     print(
-        f"unknown data: {data.source}: {len(train)} train / {len(val)} validation images from "
-        f"{len(data.sources)} source(s), + {len(synthetic)} synthetic; {recipe.unknown_loss}",
+        f"unknown data: {train.source}: {len(train)} train / {len(val)} validation images from "
+        f"{len(train.sources)} source(s), + {len(synthetic)} synthetic; {recipe.unknown_loss}",
         flush=True,
     )
     return torch.cat([train.images, synthetic]), val

@@ -27,14 +27,15 @@ from tqdm import tqdm
 
 from cifar3.classes import CIFAR10_CLASSES
 from cifar3.preprocessing import IMAGE_SIZE, pil_to_uint8, to_rgb
-from training.data import CIFAR_DIR, IMAGE_SUFFIXES, DataError, Dataset, load_split
-
-
-def is_cifar_source(source: str) -> bool:
-    if source == "cifar10":
-        return True
-    path = Path(source).expanduser()
-    return any((folder / "batches.meta").is_file() for folder in (path, path / CIFAR_DIR))
+from training.data import (
+    IMAGE_SUFFIXES,
+    DataError,
+    Dataset,
+    is_cifar_source,
+    limit_per_class,
+    load_split,
+    stratified_split,
+)
 
 
 def load_unknowns(source: str, data_root: Path, split: str = "train", classes: list[str] | None = None) -> Dataset:
@@ -68,6 +69,15 @@ def load_unknowns(source: str, data_root: Path, split: str = "train", classes: l
     data = Dataset(torch.stack(images), torch.tensor(labels), str(root), [str(p) for p in files])
     data.sources = sources
     return data
+
+
+def unknown_split(
+    source: str, classes: list[str], data_root: Path, limit: int | None, val_fraction: float, seed: int
+) -> tuple[Dataset, Dataset]:
+    """(train, validation) of the unknown images, carved like the known split: per source, the same fraction and
+    seed. Training uses both; ``training.evaluate --validation`` rebuilds the validation part from a checkpoint."""
+    data = limit_per_class(load_unknowns(source, data_root, "train", classes), limit, seed)
+    return stratified_split(data, val_fraction, seed)  # both keep data.sources
 
 
 def _source(root: Path, path: Path) -> str:

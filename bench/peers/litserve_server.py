@@ -20,7 +20,6 @@ import torch
 from fastapi import HTTPException
 
 from cifar3.engine import load_engine
-from cifar3.inference import calibrated_probs
 from cifar3.preprocessing import ImageDecodeError, decode_image, normalize, pil_to_uint8
 
 
@@ -44,7 +43,7 @@ class Cifar3API(ls.LitAPI):
 
     def predict(self, images):
         logits = self.engine(normalize(images, self.meta.mean, self.meta.std))
-        return calibrated_probs(logits, self.meta.temperature)
+        return self.meta.scores(logits)[0]
 
     def unbatch(self, output):
         return list(output)

@@ -18,7 +18,6 @@ import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
 
 from cifar3.checkpoint import load_checkpoint
-from cifar3.inference import calibrated_probs
 from cifar3.preprocessing import ImageDecodeError, decode_image, eval_transform
 
 
@@ -44,7 +43,7 @@ def build_app(checkpoint: Path) -> FastAPI:
             raise HTTPException(400, str(exc)) from None
         with torch.inference_mode():
             logits = model(eval_transform([image], meta.image_size, meta.mean, meta.std))
-        probs = calibrated_probs(logits, meta.temperature)[0].tolist()
+        probs = meta.scores(logits)[0][0].tolist()
         return {"pred_class": meta.classes[max(range(len(probs)), key=probs.__getitem__)],
                 "probs": dict(zip(meta.classes, probs, strict=True))}  # fmt: skip
 
