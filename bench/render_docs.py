@@ -7,6 +7,8 @@ A generated block is everything between ``<!-- generated: SOURCE -->`` and ``<!-
 SOURCE is a report file (``reports/benchmark.md``: its text without the title line) or one of the
 tables built here from JSON reports: ``training-runs`` and ``presets`` (reports/training/*.json) and
 ``evaluation`` (reports/eval*/metrics.json). Every figure in a report carries its machine and date.
+A block's headings are nested under the page's heading it sits in (a report's ``##`` becomes ``####`` below a
+``###``), so a report reads the same on its own and inside any page.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = ROOT / "reports"
 BLOCK = re.compile(r"(<!-- generated: (?P<source>\S+) -->\n)(?P<body>.*?)(<!-- /generated -->)", re.S)
+HEADING = re.compile(r"^(#{1,6}) ")
 
 
 def _duration(seconds: float) -> str:
@@ -82,7 +85,7 @@ def evaluation(reports: Path) -> str:
         metrics = json.loads((folder / "metrics.json").read_text())
         where = folder.relative_to(reports.parent).as_posix()
         lines = [
-            f"#### `{where}`: {metrics.get('variant', '?')}, {metrics.get('dtype', '?')}",
+            f"## `{where}`: {metrics.get('variant', '?')}, {metrics.get('dtype', '?')}",
             "",
             f"Accuracy **{metrics['accuracy']:.2%}** on {metrics['n']} images of `{metrics.get('data', '?')}`, "
             f"expected calibration error {metrics['ece']:.4f} (temperature {metrics['temperature']}); "
@@ -119,8 +122,36 @@ def source_text(source: str, root: Path = ROOT) -> str:
     return "\n".join(lines).strip()
 
 
+def markdown_headings(lines: list[str]) -> list[tuple[int, int]]:
+    """(line index, level) of each Markdown heading, skipping fenced code (a shell comment is no heading)."""
+    found, fenced = [], False
+    for index, line in enumerate(lines):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (match := HEADING.match(line)):
+            found.append((index, len(match[1])))
+    return found
+
+
+def nest_headings(body: str, level: int) -> str:
+    """``body`` with its headings shifted so that the shallowest is one below ``level`` (0: no heading above)."""
+    lines = body.split("\n")
+    found = markdown_headings(lines)
+    if not found:
+        return body
+    shift = level + 1 - min(depth for _, depth in found)
+    for index, depth in found:
+        lines[index] = "#" * min(6, depth + shift) + lines[index][depth:]
+    return "\n".join(lines)
+
+
 def render(text: str, root: Path = ROOT) -> str:
-    return BLOCK.sub(lambda m: f"{m.group(1)}{source_text(m['source'], root)}\n{m.group(4)}", text)
+    def fill(m: re.Match) -> str:
+        above = markdown_headings(text[: m.start()].split("\n"))
+        body = nest_headings(source_text(m["source"], root), above[-1][1] if above else 0)
+        return f"{m.group(1)}{body}\n{m.group(4)}"
+
+    return BLOCK.sub(fill, text)
 
 
 def pages(root: Path = ROOT) -> list[Path]:

@@ -49,7 +49,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 def memory_format(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.memory_format:
     """channels_last on a GPU and for bfloat16 (the layout oneDNN's AMX kernels want); plain NCHW for
     float32 on CPU, where oneDNN ran these 32x32 convolutions 15-25% faster than channels_last at batch 8
-    and above (README, "Performance on 2 cores")."""
+    and above (bench/benchmark.py on the 2-core AMD EPYC VM, 2026-11-27; docs/performance.md has the engines'
+    speed as they run now)."""
     return torch.channels_last if device.type == "cuda" or dtype != torch.float32 else torch.contiguous_format
 
 

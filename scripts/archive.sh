@@ -19,7 +19,7 @@ python="${PYTHON:-$root/.venv/bin/python}"
 
 if [ ! -f "$checkpoint" ]; then
   echo "error: checkpoint not found: $checkpoint" >&2
-  echo "Train one first:  .venv/bin/python -m training.train --data ../shared/data/cifar3/train --out $checkpoint" >&2
+  echo "Train one first:  .venv/bin/python -m training.train --data PATH/TO/IMAGES --out $checkpoint" >&2
   exit 2
 fi
 command -v torch-model-archiver >/dev/null || PATH="$root/.venv/bin:$PATH"

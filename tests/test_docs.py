@@ -7,7 +7,7 @@ import re
 import pytest
 from conftest import PYTHON, ROOT, run_cli
 
-from bench.render_docs import BLOCK, pages, render, source_text
+from bench.render_docs import BLOCK, markdown_headings, pages, render, source_text
 
 README = ROOT / "README.md"
 
@@ -27,6 +27,27 @@ def test_render_fills_a_block_from_a_report(tmp_path):
     )
     with pytest.raises(FileNotFoundError, match="reports/missing.md"):
         render(page.replace("x.md", "missing.md"), tmp_path)
+
+
+def test_a_blocks_headings_nest_under_the_heading_it_sits_in(tmp_path):
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "x.md").write_text("# Title\n\n## Part\n\n```bash\n# a comment\n```\n\n### Detail\n")
+    block = "<!-- generated: reports/x.md -->\n<!-- /generated -->\n"
+    page = "# Page\n\n```bash\n# a comment, not a heading\n```\n\n### Section\n" + block
+    assert render(page, tmp_path).endswith(
+        "### Section\n<!-- generated: reports/x.md -->\n#### Part\n\n```bash\n# a comment\n```\n\n##### Detail\n"
+        "<!-- /generated -->\n"
+    )
+    assert render(block, tmp_path).startswith("<!-- generated: reports/x.md -->\n# Part\n")
+
+
+def test_no_page_skips_a_heading_level():
+    for page in pages():
+        lines = page.read_text().split("\n")
+        above = 0
+        for index, level in markdown_headings(lines):
+            assert level <= above + 1, f"{page.name}:{index + 1}: {lines[index]!r} follows a level-{above} heading"
+            above = level
 
 
 def test_every_block_names_an_existing_source():

@@ -1,6 +1,6 @@
 """What a time budget buys on an ordinary 2-core AVX2 machine: the cpu preset at several budgets, emulated.
 
-    python -m training.budget --data ../shared/data/cifar3/train --minutes 5 10 15 \
+    python -m training.budget --data PATH/TO/cifar3/train --minutes 5 10 15 \
         --report reports/training/budget/budget
 
 An ordinary 2-core AVX2 machine (no AVX-512) trains resnet18_fast at ``--reference`` images per second of
@@ -95,7 +95,8 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.budget", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="../shared/data/cifar3/train")
+    p.add_argument("--data", required=True, help="what training.train --data takes: cifar10, a cifar-10-batches-py "
+                   "folder or an image folder")  # fmt: skip
     p.add_argument("--minutes", type=float, nargs="+", default=[5, 10, 15])
     p.add_argument("--reference", type=float, default=107.0, help="images/s of the ordinary machine")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
