@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import csv
 import json
 import multiprocessing
 import os
@@ -46,11 +47,10 @@ import requests
 import yaml
 
 from bench.loadgen import run_load
-from cifar3.hardware import AVX2_ENV
+from cifar3.hardware import AVX2_ENV, cpu_flags, cpu_name, describe_cpu
 from scripts.serve import Server, free_ports, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "cifar3" / "train"
 # (engine, dtype) pairs measured in-process: what cifar3/engine.py can run on a CPU.
 ENGINE_VARIANTS = (
     ("torch", "float32"),
@@ -67,15 +67,14 @@ TARGETS = {
     "vs_litserve": 1.5,
     "vs_prototype": 4.0,
 }
-MACHINE_NOTE = "2-core AMD EPYC VM with AVX-512 incl. AVX512-BF16, no AMX, no GPU"
 
 
 # -- requests ---------------------------------------------------------------------------------------
 
 
-def load_image_bytes(folder: Path, count: int) -> list[bytes]:
-    """Real JPEGs when the CIFAR-3 folder is there, else synthetic PNGs."""
-    files = sorted(folder.glob("*/*.jpg"))
+def load_image_bytes(folder: Path | None, count: int) -> list[bytes]:
+    """JPEGs from an image folder's class sub-folders when one is given and has them, else synthetic PNGs."""
+    files = sorted(folder.glob("*/*.jpg")) if folder else []
     if files:
         return [f.read_bytes() for f in files[:: max(1, len(files) // count)][:count]]
     import io
@@ -291,21 +290,16 @@ def parity(checkpoint: Path, onnx: Path, threads: int) -> dict:
                 cwd=ROOT,
                 stdout=subprocess.DEVNULL,
             )
-            rows = (report / "predictions.csv").read_text().splitlines()[1:]
             metrics = json.loads((report / "metrics.json").read_text())
-            runs[f"{engine} {dtype}"] = {
-                "accuracy": metrics["accuracy"],
-                "n": metrics["n"],
-                "rows": [r.split(",") for r in rows],
-            }
+            with open(report / "predictions.csv", newline="") as f:  # by column name: it has more than probabilities
+                rows = [(row["pred_class"], [float(row[c]) for c in metrics["classes"]]) for row in csv.DictReader(f)]
+            runs[f"{engine} {dtype}"] = {"accuracy": metrics["accuracy"], "n": metrics["n"], "rows": rows}
     reference = runs["torch float32"]["rows"]
     out = {}
     for name, run in runs.items():
-        agree = sum(a[2] == b[2] for a, b in zip(run["rows"], reference, strict=True))
+        agree = sum(a[0] == b[0] for a, b in zip(run["rows"], reference, strict=True))
         diff = max(
-            abs(float(x) - float(y))
-            for a, b in zip(run["rows"], reference, strict=True)
-            for x, y in zip(a[3:], b[3:], strict=True)
+            abs(x - y) for a, b in zip(run["rows"], reference, strict=True) for x, y in zip(a[1], b[1], strict=True)
         )
         out[name] = {
             "accuracy": run["accuracy"],
@@ -446,9 +440,9 @@ def machine() -> dict:
     import onnxruntime
     import torch
 
-    from cifar3.hardware import cpu_flags, cpu_name
-
     return {
+        "description": describe_cpu(),  # the machine line every CPU report writes (cifar3.hardware)
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "isa": cpu_flags(),
@@ -523,7 +517,7 @@ def markdown(report: dict) -> str:
     lines = [
         f"# cifar3 benchmark: {mode} ({report['date']})",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, ISA {', '.join(m['isa'])} ({MACHINE_NOTE}); torch {m['torch']} "
+        f"Machine: {m.get('description') or m['cpu']}; torch {m['torch']} "
         f"(CPU capability used: {', '.join(caps)}), onnxruntime {m['onnxruntime']}. Model: {report['variant']} "
         f"from `{report['checkpoint']}`. Command: `{report['command']}`.",
         "",
@@ -601,7 +595,9 @@ def markdown(report: dict) -> str:
         + f". Above {m['cores']} (the cores), other processes competed for the cores during the run, and"
         " ratios between phases measured under different loads do not hold.",
         "",
-        "GPU: not measured (no GPU on this machine).",
+        f"GPU: not measured ({m['gpu']} present; this benchmark runs on the CPU)."
+        if m.get("gpu")
+        else "GPU: not measured (no GPU on this machine).",
         "",
     ]
     return "\n".join(lines)
@@ -616,7 +612,8 @@ def peer_label(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/benchmark.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "cifar3.pt")
-    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="image folder to sample requests from")
+    parser.add_argument("--images", type=Path, help="image folder to sample requests from (JPEGs in its class "
+                        "sub-folders; default: synthetic PNGs) and to verify the ONNX export on")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of each served load level")
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--peer-concurrency", default="1,16", help="load levels for the peers")
@@ -656,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="cifar3-bench-onnx-") as tmp:
         onnx = Path(tmp) / "model.onnx"
-        verify_on = ["--images", str(args.images)] if args.images.is_dir() else []  # else: the training data
+        # Verified on --images when given, else on the data the checkpoint was trained on (cifar3.export).
+        verify_on = ["--images", str(args.images)] if args.images and args.images.is_dir() else []
         subprocess.run(
             [sys.executable, "-m", "cifar3.export", str(args.checkpoint), str(onnx), *verify_on,
              "--int8", str(onnx_file(onnx, "onnxruntime-int8"))], check=True, cwd=ROOT,

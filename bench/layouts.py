@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.benchmark import DEFAULT_IMAGES, ROOT, load_image_bytes, machine, serve_torchserve
+from bench.benchmark import ROOT, load_image_bytes, machine, serve_torchserve
 from bench.reporting import write_report
 from cifar3.hardware import AVX2_ENV
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.layouts", description=__doc__.split("\n\n")[0])
     parser.add_argument("layouts", nargs="+", help="workers=W,threads=T,batch=B,delay=MS[,engine=E][,checkpoint=PATH]")
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "cifar3.pt")
-    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
+    parser.add_argument("--images", type=Path, help="image folder to sample requests from (default: synthetic PNGs)")
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--seconds", type=float, default=15.0, help="duration of each load level")
     parser.add_argument("--avx2", action="store_true", help="emulate an AVX2 CPU for PyTorch (every process)")
@@ -104,7 +104,7 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Served layouts{' (AVX2 emulated)' if report['avx2'] else ''}",
         "",
-        f"{report['machine']['cpu']}, {report['machine']['cores']} cores, {kernels}, {report['date'][:10]}; "
+        f"{report['machine'].get('description') or report['machine']['cpu']}, {kernels}, {report['date'][:10]}; "
         f"`{report['command']}`; "
         f"{report['seconds_per_level']:g} s per load level, closed-loop clients, 0 errors unless stated.",
         "",

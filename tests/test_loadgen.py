@@ -18,6 +18,7 @@ from PIL import Image
 from bench.benchmark import ENGINE_VARIANTS
 from bench.loadgen import NO_ANSWER, _Connection, build_requests, percentile, run_load
 from cifar3.engine import choose_engine
+from cifar3.hardware import describe_cpu
 from cifar3.inference import dtype_name
 
 OCTET = {"Content-Type": "application/octet-stream"}
@@ -156,6 +157,7 @@ def test_benchmark_quick_run_writes_its_report(tiny_checkpoint, tmp_path):
     assert set(report["load_average_at_start"]) == {"in-process", "parity", "served", "peers"}
     markdown = (out / "benchmark.md").read_text()
     assert "| onnxruntime | float32 | 1 |" in markdown and "LitServe" in markdown and "not measured" in markdown
+    assert f"\nMachine: {describe_cpu()}; torch " in markdown  # the machine line every report writes
 
 
 def test_benchmark_avx2_mode_restricts_torch_in_its_processes(tiny_checkpoint, tmp_path, monkeypatch):
