@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import ARTIFACTS, ROOT
-from synthetic import sample_image
+from PIL import Image
+from synthetic import class_images, sample_image
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -177,3 +178,14 @@ def test_upload_in_a_browser_shows_the_prediction(server, page_url, browser, tmp
     shot = ARTIFACTS / "ui_prediction.png"
     assert browser.save_screenshot(str(shot)), "screenshot failed"
     print(f"screenshot: {shot}")
+
+    # An image of none of the classes beside it: said so, with its explanation and probabilities still shown.
+    grey = tmp_path / "grey.png"
+    Image.fromarray(class_images("grey", 1, seed=5, size=64)[0]).save(grey)
+    uploader.send_keys(str(grey))
+    said = "grey.png: looks like none of: airplane, automobile, ship"
+    wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "[data-testid=stMain]"), said))
+    wait.until(lambda driver: len(driver.find_elements(By.CSS_SELECTOR, "[data-testid=stImage] img")) == 4)
+    main = browser.find_element(By.CSS_SELECTOR, "[data-testid=stMain]").text
+    assert "2 of 2 image(s) classified" in main and "above the server's threshold" in main
+    assert len(browser.find_elements(By.CSS_SELECTOR, "[data-testid=stVegaLiteChart]")) == 2

@@ -21,7 +21,14 @@ from cifar3.preprocessing import CIFAR10_MEAN, CIFAR10_STD
 from cifar3.unknown import ENERGY, OTHER_CLASS, decision, fit_threshold, split_scores
 from training.data import Dataset
 from training.evaluate import evaluate
-from training.unknowns import CHECK_KINDS, load_unknowns, rejection_figures, synthetic_unknowns, write_check_set
+from training.unknowns import (
+    CHECK_KINDS,
+    SYNTHETIC_KINDS,
+    load_unknowns,
+    rejection_figures,
+    synthetic_unknowns,
+    write_check_set,
+)
 
 CLASSES = ["airplane", "automobile", "ship"]
 
@@ -127,14 +134,17 @@ def test_cifar_source_gives_its_other_classes(cifar_dir, tmp_path):
 
 def test_synthetic_unknowns_are_uint8_images_and_shuffled_tiles_keep_their_pixels():
     known = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
-    images = synthetic_unknowns(8, known, torch.Generator().manual_seed(0))
-    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8
-    shuffled = images[6:]  # the last quarter: tiles of the one known image, reordered
-    for image in shuffled:
+    unknown = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    images = synthetic_unknowns(12, known, torch.Generator().manual_seed(0), unknown)
+    assert images.shape == (12, 3, 32, 32) and images.dtype == torch.uint8
+    assert len(SYNTHETIC_KINDS) == 6  # two of each, in SYNTHETIC_KINDS order
+    for image in images[6:8]:  # shuffled tiles of the one known image
         tiles = {image[:, y : y + 8, x : x + 8].numpy().tobytes() for y in range(0, 32, 8) for x in range(0, 32, 8)}
         source = {known[0, :, y : y + 8, x : x + 8].numpy().tobytes() for y in range(0, 32, 8) for x in range(0, 32, 8)}
         assert tiles == source
         assert not torch.equal(image, known[0])
+    assert images[4:6].float().std((2, 3)).max() < 10  # flat colours: almost no variation within a channel
+    assert len(synthetic_unknowns(12, known, torch.Generator().manual_seed(0))) == 12  # no unknown images: tiles
 
 
 def test_check_set_writes_every_kind(tmp_path, unknown_folder):

@@ -88,7 +88,7 @@ class Recipe:
     # "other-class" (one more output, their label) or "outlier-exposure" (a uniform target over the classes).
     unknown_ratio: float = 0.25
     unknown_loss: str = OTHER_CLASS
-    synthetic_unknowns: int = 4000  # synthetic unknown images added to the unknown data (training/unknowns.py)
+    synthetic_unknowns: int = 6000  # synthetic unknown images added to the unknown data (training/unknowns.py)
 
 
 # Hyperparameters of the recipes; docs/training.md says what each reached, where.
@@ -201,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unknown images per known image in each batch (preset: 0.25)")  # fmt: skip
     p.add_argument("--unknown-loss", choices=UNKNOWN_LOSSES, help="how unknown images are learnt (preset: other-class)")
     p.add_argument("--synthetic-unknowns", type=int, metavar="N",
-                   help="synthetic unknown images added to --unknown-data (noise, flat colours, shuffled tiles; "
-                        "preset: 4000; 0 = none)")  # fmt: skip
+                   help="synthetic unknown images added to --unknown-data (noise, flat colours, shuffled tiles, "
+                        "glyphs, enlarged crops; preset: 6000; 0 = none)")  # fmt: skip
     p.add_argument("--limit", type=int, help="use at most N training images per class (quick runs)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="stratified validation split")
     p.add_argument("--seed", type=int, default=0)
@@ -467,7 +467,7 @@ def load_unknown_data(
         return None, None
     train, val = unknown_split(source, classes, args.data_root, args.limit, args.val_fraction, args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
-    synthetic = synthetic_unknowns(recipe.synthetic_unknowns, train_set.images, gen)
+    synthetic = synthetic_unknowns(recipe.synthetic_unknowns, train_set.images, gen, train.images)
     print(
         f"unknown data: {train.source}: {len(train)} train / {len(val)} validation images from "
         f"{len(train.sources)} source(s), + {len(synthetic)} synthetic; {recipe.unknown_loss}",

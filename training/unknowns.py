@@ -2,10 +2,11 @@
 
     python -m training.unknowns OUT [--count 200] [--crops-from DIR]
 
-writes a folder of unknown images of kinds training never sees (one sub-folder per kind: ``shapes``, ``text``,
-``gradients``, ``patterns``, ``crops``), for ``python -m training.evaluate --unknown-data OUT``. Training draws
-its synthetic unknowns from other kinds (``synthetic_unknowns``: noise, smooth noise, flat colours, shuffled
-tiles), so these measure how the rejection carries over to images unlike anything it was trained on.
+writes a folder of unknown images for ``python -m training.evaluate --unknown-data OUT``, one sub-folder per kind:
+``shapes``, ``scribbles``, ``gradients``, ``patterns`` and ``crops``. Training draws its synthetic unknowns from
+other kinds (``synthetic_unknowns``: noise, smooth noise, flat colours, shuffled tiles, letters and digits,
+enlarged pieces of the unknown images), so the first four measure how the rejection carries over to images unlike
+anything it was trained on; ``crops`` (8x8 pieces enlarged four times) is close to the last trained kind.
 
 Unknown data for training (``training.train --unknown-data``) is an image folder of any layout: every image
 under it, each labelled with the top-level sub-folder it is in (its *source*, for per-source figures). With a
@@ -86,35 +87,61 @@ def _source(root: Path, path: Path) -> str:
 
 
 # Synthetic unknowns mixed into training: images with none of the classes' structure. Kept apart from the kinds
-# ``write_check_set`` makes, so that those measure generalisation rather than memory.
-SYNTHETIC_KINDS = ("noise", "smooth-noise", "flat", "shuffled-tiles")
+# ``write_check_set`` makes (except ``crops``, which cuts from other images at another scale), so that those
+# measure generalisation rather than memory.
+SYNTHETIC_KINDS = ("noise", "smooth-noise", "flat", "shuffled-tiles", "glyphs", "zoomed-crops")
 
 
-def synthetic_unknowns(count: int, known: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """``count`` uint8 N x 3 x 32 x 32 images, a quarter of each SYNTHETIC_KINDS, drawn from ``gen``.
+def synthetic_unknowns(
+    count: int, known: torch.Tensor, gen: torch.Generator, unknown: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``count`` uint8 N x 3 x 32 x 32 images, an equal share of each SYNTHETIC_KINDS, drawn from ``gen``.
 
     ``known`` (uint8, the training images of the classes) supplies the tiles of ``shuffled-tiles``: 8x8 tiles
-    of one image in random order keep its colours and textures but not the shape of any object."""
-    size, parts = IMAGE_SIZE, []
-    per_kind = [count // 4 + (1 if i < count % 4 else 0) for i in range(4)]
-    n = per_kind[0]
-    parts.append(torch.randint(0, 256, (n, 3, size, size), generator=gen, dtype=torch.uint8))
-    n = per_kind[1]
-    low = [torch.rand(1, 3, side, side, generator=gen) for side in torch.randint(2, 9, (n,), generator=gen).tolist()]
-    parts.append(torch.cat([torch.nn.functional.interpolate(x, size=size, mode="bicubic") for x in low]) if n else
-                 torch.empty(0, 3, size, size))  # fmt: skip
-    n = per_kind[2]
-    colour = torch.rand(n, 3, 1, 1, generator=gen)
-    grain = 0.03 * torch.rand(n, 1, 1, 1, generator=gen) * torch.randn(n, 3, size, size, generator=gen)
-    parts.append(colour + grain)
-    n = per_kind[3]
-    picks = known[torch.randint(0, len(known), (n,), generator=gen)].float() / 255.0
-    tiles = picks.unfold(2, 8, 8).unfold(3, 8, 8).reshape(n, 3, 16, 8, 8)
-    order = torch.argsort(torch.rand(n, 16, generator=gen), dim=1)
-    tiles = tiles[torch.arange(n).view(n, 1), :, order].permute(0, 2, 1, 3, 4)  # n x 3 x 16 x 8 x 8, shuffled
-    parts.append(tiles.reshape(n, 3, 4, 4, 8, 8).permute(0, 1, 2, 4, 3, 5).reshape(n, 3, size, size))
-    images = [parts[0], *((p.clamp(0, 1) * 255).round().to(torch.uint8) for p in parts[1:])]
-    return torch.cat(images)
+    of one image in random order keep its colours and textures but not the shape of any object. ``glyphs`` are
+    letters and digits in random colours, sizes and places. ``zoomed-crops`` are 8-16-pixel pieces of the
+    ``unknown`` images (when given; else more shuffled tiles) enlarged to the full size."""
+    size, kinds = IMAGE_SIZE, len(SYNTHETIC_KINDS)
+    per_kind = [count // kinds + (1 if i < count % kinds else 0) for i in range(kinds)]
+    n_noise, n_smooth, n_flat, n_tiles, n_glyphs, n_crops = per_kind
+    if unknown is None or not len(unknown):
+        n_tiles, n_crops = n_tiles + n_crops, 0
+    parts = [torch.randint(0, 256, (n_noise, 3, size, size), generator=gen, dtype=torch.uint8).float() / 255]
+    sides = torch.randint(2, 9, (n_smooth,), generator=gen).tolist()
+    parts += [torch.nn.functional.interpolate(torch.rand(1, 3, side, side, generator=gen), size=size, mode="bicubic")
+              for side in sides]  # fmt: skip
+    colour = torch.rand(n_flat, 3, 1, 1, generator=gen)
+    parts.append(colour + 0.03 * torch.rand(n_flat, 1, 1, 1, generator=gen) * torch.randn(n_flat, 3, size, size,
+                                                                                          generator=gen))  # fmt: skip
+    picks = known[torch.randint(0, len(known), (n_tiles,), generator=gen)].float() / 255.0
+    tiles = picks.unfold(2, 8, 8).unfold(3, 8, 8).reshape(n_tiles, 3, 16, 8, 8)
+    order = torch.argsort(torch.rand(n_tiles, 16, generator=gen), dim=1)
+    tiles = tiles[torch.arange(n_tiles).view(n_tiles, 1), :, order].permute(0, 2, 1, 3, 4)  # shuffled tiles
+    parts.append(tiles.reshape(n_tiles, 3, 4, 4, 8, 8).permute(0, 1, 2, 4, 3, 5).reshape(n_tiles, 3, size, size))
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    parts += [pil_to_uint8(glyph_image(rng)).float().unsqueeze(0) / 255 for _ in range(n_glyphs)]
+    for _ in range(n_crops):
+        image = unknown[int(rng.integers(0, len(unknown)))].float().unsqueeze(0) / 255
+        side = int(rng.integers(8, 17))
+        y, x = (int(v) for v in rng.integers(0, size - side + 1, 2))
+        crop = image[:, :, y : y + side, x : x + side]
+        parts.append(torch.nn.functional.interpolate(crop, size=size, mode="bicubic", align_corners=False))
+    images = torch.cat([p.reshape(-1, 3, size, size) for p in parts]) if count else torch.empty(0, 3, size, size)
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+GLYPHS = "0123456789ABCDEFGHJKLMNPQRSTUVWXYZabdefghkmnqrt"
+
+
+def glyph_image(rng: np.random.Generator, side: int = 64) -> Image.Image:
+    """One to three letters or digits, random colours, size and place."""
+    paper = tuple(int(v) for v in rng.integers(0, 256, 3))
+    ink = tuple(int(255 - v) if rng.random() < 0.7 else int(w) for v, w in zip(paper, rng.integers(0, 256, 3)))
+    image = Image.new("RGB", (side, side), paper)
+    text = "".join(GLYPHS[i] for i in rng.integers(0, len(GLYPHS), rng.integers(1, 4)))
+    font = ImageFont.load_default(size=int(rng.integers(20, 56)))
+    ImageDraw.Draw(image).text((int(rng.integers(-4, 24)), int(rng.integers(-8, 20))), text, fill=ink, font=font)
+    return image
 
 
 def rejection_figures(known_scores: torch.Tensor, unknown_scores: torch.Tensor | None, threshold: float | None) -> dict:
@@ -131,7 +158,7 @@ def rejection_figures(known_scores: torch.Tensor, unknown_scores: torch.Tensor |
 
 
 # Held-out kinds for measurement only (never trained on).
-CHECK_KINDS = ("shapes", "text", "gradients", "patterns", "crops")
+CHECK_KINDS = ("shapes", "scribbles", "gradients", "patterns", "crops")
 
 
 def check_image(kind: str, rng: np.random.Generator, crops_from: list[Path] | None = None) -> Image.Image:
@@ -152,13 +179,13 @@ def check_image(kind: str, rng: np.random.Generator, crops_from: list[Path] | No
             else:
                 draw.polygon([tuple(int(v) for v in rng.integers(0, side, 2)) for _ in range(3)], fill=colour())
         return image
-    if kind == "text":
-        ink, paper = ((255, 255, 255), (0, 0, 0)) if rng.random() < 0.5 else ((0, 0, 0), (255, 255, 255))
+    if kind == "scribbles":  # pen strokes, as handwriting or a doodle
+        ink, paper = colour(), colour()
         image = Image.new("RGB", (side, side), paper)
-        glyphs = "0123456789ABCDEFGHJKLMNPQRSTUVWXYZ"
-        text = "".join(glyphs[i] for i in rng.integers(0, len(glyphs), rng.integers(1, 3)))
-        font = ImageFont.load_default(size=int(rng.integers(28, 48)))
-        ImageDraw.Draw(image).text((int(rng.integers(2, 16)), int(rng.integers(0, 12))), text, fill=ink, font=font)
+        draw = ImageDraw.Draw(image)
+        for _ in range(rng.integers(1, 4)):
+            points = [tuple(int(v) for v in rng.integers(4, side - 4, 2)) for _ in range(rng.integers(3, 7))]
+            draw.line(points, fill=ink, width=int(rng.integers(2, 7)), joint="curve")
         return image
     if kind == "gradients":
         a, b = np.array(colour(), float), np.array(colour(), float)
