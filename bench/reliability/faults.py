@@ -91,6 +91,8 @@ def check_kill_worker(
             len(failed) == len(failed_in_flight) + len(routed_to_dead),
             load=summary,
             in_flight=len(in_flight),
+            failed=len(failed),
+            routed_to_dead=len(routed_to_dead),
         ),
         result(
             "kill worker: recovery",
@@ -105,12 +107,15 @@ def check_kill_worker(
             f"{sum(p == 200 for p in pings)} of {len(pings)} pings 200"
             + (f" (others: {sorted(set(p for p in pings if p != 200))})" if any(p != 200 for p in pings) else ""),
             bool(pings) and all(p == 200 for p in pings),
+            pings=pings,
         ),
         result(
             "kill worker: requests after recovery",
             "all succeed",
             f"{len(after_recovery) - len(failed_later)} of {len(after_recovery)} ok",
             bool(after_recovery) and not failed_later,
+            after=len(after_recovery),
+            failed_after=len(failed_later),
         ),
     ]
     return rows
@@ -201,6 +206,7 @@ def check_scale(
             + (f" ({up_retried} succeeded on a retry)" if up_retried else ""),
             up_status in (200, 202) and up_ready is not None and not up_failed,
             load=summarize(up_calls),
+            workers=count_up,
         ),
         # TorchServe 0.12 answers a synchronous PUT on the netty thread that took it, only once the new
         # workers are up: requests on the connections that thread serves wait as long. The bound for
@@ -230,6 +236,8 @@ def check_scale(
             load=summarize(plain_down),
             failures=[f"HTTP {c.status}: {c.error}" for c in plain_down if not c.ok],
             failure_statuses=[c.status for c in plain_down if not c.ok],
+            workers=count_down,
+            failed_later=sum(not c.ok for c in later),
         ),
         result(
             f"scale {up} -> 1 workers ({mode}), clients retrying",
@@ -334,6 +342,10 @@ def check_slow_request(server: Server, payload: bytes, recover_within: float = 6
             normal.ok and slow_status not in (200, 0) and recovery is not None and all(r.ok for r in after),
             slow_status=slow_status,
             slow_body=slow_body,
+            slow_seconds=slow_seconds,
+            response_timeout=timeout_s,
+            recovery_s=recovery,
+            after_statuses=[r.status_code for r in after],
         ),
     ]
 
@@ -400,6 +412,7 @@ def check_corrupt_mar(
             f"ServerError after {seconds:.1f} s: {error[:160]}" if error else f"no error after {seconds:.1f} s",
             bool(error) and seconds <= fail_within,
             error=error,
+            seconds=seconds,
         ),
         result(
             f"corrupt .mar ({kind}): serve.py status",
@@ -407,6 +420,8 @@ def check_corrupt_mar(
             f"exit {status.returncode}: {status_text[:200]}; /ping alone: HTTP {ping_status}",
             status.returncode != 0 and says_why,
             ping=ping_status,
+            exit_code=status.returncode,
+            output=status_text,
         ),
         *([stopped] if not stopped["passed"] else []),
     ]
@@ -484,11 +499,15 @@ def check_stop_start(server: Server, payload: bytes, cycles: int = 3, timeout: f
             + (f"; {'; '.join(problems)}" if problems else ""),
             all(n == configured for n in worker_counts) and not snapshot_dirs and not problems,
             start_seconds=start_seconds,
+            worker_counts=worker_counts,
+            configured=configured,
+            snapshot_dirs=snapshot_dirs,
         ),
         result(
             f"stop/start x{cycles}: processes",
             "no Java or worker process left after any stop",
             f"{len(leftovers)} left: {leftovers}" if leftovers else "none left",
             not leftovers,
+            left=leftovers,
         ),
     ]

@@ -43,6 +43,7 @@ def check_loopback(server: Server) -> list[Result]:
             f"{len(addresses)} listening: {', '.join(a.replace('::ffff:', '') for a in addresses)}",
             bool(addresses) and not exposed and expected_ports <= ports,
             exposed=exposed,
+            addresses=addresses,
         ),
     ]
 
@@ -66,11 +67,12 @@ def check_tokens(server: Server, payload: bytes) -> list[Result]:
         ("scale, no token", "PUT", manage + "?min_worker=1", {}),
         ("scale, wrong token", "PUT", manage + "?min_worker=1", wrong),
     ]
-    refused, accepted = [], []
+    refused, accepted, answers = [], [], {}
     for name, method, url, headers in cases:
         response = requests.request(
             method, url, data=payload if method == "POST" else None, headers={**headers, **OCTET}, timeout=30
         )
+        answers[name] = (response.status_code, response.text[:200])
         (refused if response.status_code == 400 and "InvalidKeyException" in response.text else accepted).append(
             f"{name}: HTTP {response.status_code}"
         )
@@ -86,6 +88,8 @@ def check_tokens(server: Server, payload: bytes) -> list[Result]:
             + (f"; NOT refused: {'; '.join(accepted)}" if accepted else ""),
             not accepted and good == [200, 200],
             cases=refused + accepted,
+            answers=answers,
+            good=good,
         ),
     ]
 
@@ -130,6 +134,7 @@ def check_model_api(server: Server) -> list[Result]:
             "refused (405, enable_model_api=false)",
             "; ".join(f"{name}: HTTP {code}" for name, code in answers.items()),
             all(code == 405 for code in answers.values()) and still_there,
+            answers=answers,
         ),
     ]
 
@@ -178,6 +183,8 @@ def check_request_size(server: Server) -> list[Result]:
             f"refused (413) above max_request_size {limit:,} B",
             f"HTTP {status}" if status else "connection closed by the server",
             status in (413, 0),
+            status=status,
+            limit=limit,
         ),
     ]
 
@@ -211,6 +218,8 @@ def check_bad_request_in_batch(server: Server, payload: bytes, rounds: int = 5, 
             f"{len(failed)} of {len(good_codes)} good requests sent with it failed"
             + (f" (HTTP {sorted(set(failed))})" if failed else ""),
             all(c == 400 for c in bad_codes) and not failed,
+            bad_codes=bad_codes,
+            good_codes=good_codes,
         ),
     ]
 
