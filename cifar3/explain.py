@@ -1,31 +1,60 @@
-"""Grad-CAM explanations: where in the image the evidence for a class lies.
+"""Explanations: where in the image the evidence for a class lies, by one of several methods.
 
-captum's ``LayerGradCam`` (the library TorchServe's own vision handlers use) on the float32 model the
-checkpoint describes, fed the same normalized batch as predictions. Each heat map is upsampled
-bilinearly to the model's input grid (``image_size`` x ``image_size``, 32 x 32) and scaled to [0, 1]
-by its own maximum, so 1 marks the strongest evidence *in that image*; a map of zeros means the layer
-holds no positive evidence for the class asked about (e.g. a class the model rules out).
+Every method answers, per image, a heat map of the model's input grid (``image_size`` x ``image_size``) in
+[0, 1], scaled by its own maximum: 1 marks the strongest evidence *in that image*; a map of zeros means the
+method found no positive evidence for the class asked about. Only the classes are explained (index <
+``len(meta.classes)``), never the other-class output a checkpoint may have.
 
-Which layer: a Grad-CAM map has the resolution of the layer it is taken at, and 32 x 32 inputs leave
-the last residual stage of ``resnet18_fast`` only 2 x 2 cells (``resnet18_cifar``: 4 x 4). On the
-coloured-square test (tests/test_explain.py) the peak of a 2 x 2 map landed on the object for about
-1 image in 10 and of a 4 x 4 map for about half, the 8 x 8 maps for all. So the default is the deepest
-residual stage whose output is still at least ``MIN_GRID`` x ``MIN_GRID`` (8 x 8): ``layer2`` of
-``resnet18_fast``, ``layer3`` of ``resnet18_cifar``. reports/faithfulness.md compares the stages on the
-real validation split.
+The methods are captum's (the library TorchServe's own vision handlers use), in three families:
+
+- **Grad-CAM** (``grad-cam-layer1`` .. ``grad-cam-layer4``, ``LayerGradCam``) and its unpooled variant
+  ``gradient-x-activation`` (``LayerGradientXActivation`` at ``layer1``): one forward and one backward pass
+  of the float32 model, a map with the resolution of the stage (for ``resnet18_pool``: 16, 8, 4, 2 cells per
+  side). The stem's max-pool makes each cell of a stage the same square block of input pixels, so a cell's
+  value belongs at the centre of its block: bilinear upsampling with ``align_corners=False`` puts it there.
+- **Perturbation** (``occlusion``, ``feature-ablation``): the image with one patch at a time set to the data
+  set's mean colour (0 after normalisation), all copies in one batch through ``forward`` (the handler passes
+  its serving engine); a pixel's value is how much the class's calibrated probability fell without it.
+- **Path** (``integrated-gradients``): the class's calibrated probability integrated along the straight path
+  from the mean-colour image to the image; per pixel, summed over colour channels. The attributions add up to
+  the probability the image gained over the mean-colour image, so a pixel's value says what removing it costs.
+
+Gradient methods explain the class's logit (its probability saturates at 1 for confident images and its
+gradient vanishes); perturbation and path methods explain the calibrated probability, which they never
+differentiate at one point only. Which method serves by default, and why: docs/explanations.md, from
+reports/faithfulness.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 
-METHOD = "grad-cam"
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # torchvision ResNet's residual stages, input to output
-MIN_GRID = 8  # cells per side the explained layer must keep (see the module docstring)
+OCCLUSION_WINDOW, OCCLUSION_STRIDE = 8, 4  # pixels; 7 x 7 = 49 masked copies of a 32 x 32 image
+ABLATION_BLOCK = 4  # pixels per side of FeatureAblation's blocks; 8 x 8 = 64 masked copies
+IG_STEPS = 16  # points on the integration path, one batch
+
+METHODS = (
+    *(f"grad-cam-{stage}" for stage in STAGES),
+    "gradient-x-activation",
+    "occlusion",
+    "feature-ablation",
+    "integrated-gradients",
+)
+DEFAULT_METHOD = "gradient-x-activation"  # chosen by reports/faithfulness.md (docs/explanations.md)
+
+
+class UnknownMethod(ValueError):
+    """A method name that is not one of METHODS; the message lists them."""
+
+
+def check_method(name: str) -> str:
+    if name not in METHODS:
+        raise UnknownMethod(f"unknown explanation method {name[:100]!r}: choose one of {', '.join(METHODS)}")
+    return name
 
 
 def stage_grids(model: nn.Module, image_size: int) -> dict[str, int]:
@@ -46,37 +75,105 @@ def stage_grids(model: nn.Module, image_size: int) -> dict[str, int]:
     return grids
 
 
-def default_layer(model: nn.Module, image_size: int) -> str:
-    """The deepest stage whose output keeps at least MIN_GRID cells per side (layer1 if none does)."""
-    grids = stage_grids(model, image_size)
-    return next((name for name in reversed(STAGES) if grids[name] >= MIN_GRID), STAGES[0])
+def scaled(maps: torch.Tensor) -> torch.Tensor:
+    """N x H x W attributions -> their positive part divided by each map's maximum (all zeros stay zeros)."""
+    maps = maps.detach().float().clamp_min(0)
+    peak = maps.flatten(1).amax(dim=1).view(-1, 1, 1)
+    return torch.where(peak > 0, maps / peak.clamp_min(torch.finfo(maps.dtype).tiny), 0.0).clamp(0, 1).cpu()
 
 
-class GradCam:
-    """Grad-CAM heat maps for a float32 model in eval mode (its weights are never changed)."""
+class Explainer:
+    """Heat maps by one method for a float32 model in eval mode (its weights are never changed).
 
-    def __init__(self, model: nn.Module, image_size: int, layer: str | None = None):
-        self.model = model.float().eval().requires_grad_(False)  # gradients flow to activations only
-        self.image_size = image_size
-        self.layer = layer or default_layer(self.model, image_size)
-        if self.layer not in STAGES:
-            raise ValueError(f"unknown layer {self.layer!r}; choose one of {', '.join(STAGES)}")
-        self.grid = stage_grids(self.model, image_size)[self.layer]
-        self._cam = LayerGradCam(self.model, self.model.get_submodule(self.layer))
+    ``probs``: normalized batch -> calibrated N x C class probabilities (``meta.scores(...)[0]``). Perturbation
+    methods run only this, so it may be the serving engine; the others differentiate it or the model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        image_size: int,
+        num_classes: int,
+        method: str,
+        probs: Callable[[torch.Tensor], torch.Tensor],
+    ):
+        self.model = model.float().eval().requires_grad_(False)  # gradients flow to activations and inputs only
+        self.image_size, self.num_classes, self.method = image_size, num_classes, check_method(method)
+        self.probs = probs
+        self.layer = method.removeprefix("grad-cam-") if method.startswith("grad-cam-") else None
+        if method == "gradient-x-activation":
+            self.layer = "layer1"  # the finest stage: this variant keeps every cell's own gradient
+        self.grid = stage_grids(self.model, image_size)[self.layer] if self.layer else image_size
 
     def heatmaps(self, batch: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
         """Normalized float batch N x 3 x H x W and one class index per image -> N x H x W maps in [0, 1]."""
+        # captum is imported by the first explanation only: a worker that only predicts never loads it.
+        from captum.attr import (
+            FeatureAblation,
+            IntegratedGradients,
+            LayerAttribution,
+            LayerGradCam,
+            LayerGradientXActivation,
+            Occlusion,
+        )
+
         if len(targets) != len(batch):
             raise ValueError(f"{len(targets)} targets for {len(batch)} images")
+        if any(not 0 <= int(t) < self.num_classes for t in targets):
+            raise ValueError(f"targets must be class indices below {self.num_classes}: {list(targets)}")
         device = next(self.model.parameters()).device
+        batch, targets = batch.to(device, torch.float32), [int(t) for t in targets]
+        size = (self.image_size, self.image_size)
         with torch.enable_grad():  # the handler's other paths run under inference_mode
-            cams = self._cam.attribute(
-                batch.to(device, torch.float32), target=[int(t) for t in targets], relu_attributions=True
-            )
-        maps = LayerAttribution.interpolate(cams.detach(), (self.image_size, self.image_size), "bilinear")[:, 0]
-        peak = maps.flatten(1).amax(dim=1).view(-1, 1, 1)
-        return torch.where(peak > 0, maps / peak.clamp_min(torch.finfo(maps.dtype).tiny), 0.0).clamp(0, 1).cpu()
+            if self.layer:
+                kind = LayerGradCam if self.method.startswith("grad-cam-") else LayerGradientXActivation
+                layer_maps = kind(self.model, self.model.get_submodule(self.layer)).attribute(batch, target=targets)
+                if kind is LayerGradientXActivation:
+                    layer_maps = layer_maps.sum(1, keepdim=True)
+                return scaled(LayerAttribution.interpolate(layer_maps.detach(), size, "bilinear")[:, 0])
+            if self.method == "integrated-gradients":
+                ig = IntegratedGradients(self.probs)
+                attributions = ig.attribute(batch, baselines=0.0, target=targets, n_steps=IG_STEPS,
+                                            internal_batch_size=len(batch) * IG_STEPS)  # fmt: skip
+                return scaled(attributions.sum(1))
+        with torch.no_grad():
+            if self.method == "occlusion":
+                window, stride = OCCLUSION_WINDOW, OCCLUSION_STRIDE
+                copies = ((self.image_size - window) // stride + 1) ** 2
+                attributions = Occlusion(self.probs).attribute(
+                    batch, sliding_window_shapes=(3, window, window), strides=(3, stride, stride), baselines=0.0,
+                    target=targets, perturbations_per_eval=copies,
+                )  # fmt: skip
+            else:  # feature-ablation: non-overlapping blocks, one feature each
+                cells = self.image_size // ABLATION_BLOCK
+                blocks = torch.arange(cells * cells, device=device).view(cells, cells)
+                mask = blocks.repeat_interleave(ABLATION_BLOCK, 0).repeat_interleave(ABLATION_BLOCK, 1)[None, None]
+                attributions = FeatureAblation(self.probs).attribute(
+                    batch, baselines=0.0, target=targets, feature_mask=mask, perturbations_per_eval=cells * cells
+                )
+        return scaled(attributions[:, 0])  # every channel of a pixel was removed together: one value per pixel
 
     def describe(self) -> dict:
         """What every explanation says about how it was made."""
-        return {"method": METHOD, "layer": self.layer, "layer_grid": self.grid, "grid": self.image_size}
+        about = {"method": self.method, "grid": self.image_size}
+        if self.layer:
+            about |= {"layer": self.layer, "layer_grid": self.grid}
+        elif self.method == "occlusion":
+            about |= {"window": OCCLUSION_WINDOW, "stride": OCCLUSION_STRIDE}
+        elif self.method == "feature-ablation":
+            about |= {"window": ABLATION_BLOCK, "stride": ABLATION_BLOCK}
+        else:
+            about |= {"steps": IG_STEPS}
+        return about
+
+
+def build_explainer(model: nn.Module, meta, method: str, engine: Callable | None = None) -> Explainer:
+    """An Explainer for a checkpoint's float32 ``model`` and ``meta``. ``engine`` (normalized batch -> logits,
+    e.g. the serving engine) runs the perturbation methods' masked copies; default: the model itself."""
+    model = model.float().eval()
+    run = engine or model
+
+    def probs(batch: torch.Tensor) -> torch.Tensor:
+        return meta.scores(run(batch) if method in ("occlusion", "feature-ablation") else model(batch))[0]
+
+    return Explainer(model, meta.image_size, len(meta.classes), method, probs)

@@ -12,15 +12,19 @@ a usable image gets HTTP 400 with ``{"error": ..., "code": 400}``; the other req
 batch are answered normally.
 
 Explanations (``POST /explanations/cifar3``, which TorchServe routes here with the request header
-``explain: True``) take the same three forms and answer the prediction plus ``"explanation"``: a Grad-CAM
-heat map (cifar3/explain.py) for the predicted class, or for the class named by ``target``: a multipart
-field (``-F data=@img.jpg -F target=ship``) or a JSON key (``{"data": "<base64>", "target": "ship"}``).
-TorchServe 0.12 does not pass a URL's query string to the handler, so a raw body always explains the
-predicted class. An unknown class gets HTTP 400. Explanation and prediction requests may share a batch.
+``explain: True``) take the same three forms and answer the prediction plus ``"explanation"``: a heat map
+(cifar3/explain.py) for the predicted class, or for the class named by ``target``, by model-config's
+``handler.explanation`` method or the one named by ``method``: multipart fields (``-F data=@img.jpg -F
+target=ship -F method=occlusion``) or JSON keys (``{"data": "<base64>", "target": "ship"}``). TorchServe 0.12
+does not pass a URL's query string to the handler, so a raw body always explains the predicted class by the
+configured method. An unknown class or method gets HTTP 400. Explanation and prediction requests may share a
+batch; a method that fails costs only the requests that asked for it.
 
 Under KServe (``TS_SERVICE_ENVELOPE=kserve`` or ``kservev2``, docs/deployment.md) TorchServe's envelope hands
 over the instances of a v1 body ``{"instances": [{"data": "<base64>"}]}`` or the BYTES inputs of an Open
-Inference Protocol (v2) body; see ``handle_kserve``.
+Inference Protocol (v2) body; see ``handle_kserve``. TorchServe routes ``/v1/models/cifar3:explain`` and
+``/v2/models/cifar3/explain`` there with ``explain: True``: each answer then carries its explanation (a v1
+instance may name ``target`` and ``method`` beside ``data``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from ts.utils.util import PredictionException
 
 from cifar3.checkpoint import load_checkpoint
 from cifar3.engine import ONNX_FILE, ONNX_FILES, load_engine
+from cifar3.explain import DEFAULT_METHOD, METHODS, check_method
 from cifar3.preprocessing import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, eval_transform
 from cifar3.unknown import decision
 
@@ -45,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 INPUT_FIELDS = ("data", "file", "body")  # where an image may arrive, in this order of preference
 TARGET_FIELD = "target"  # the class to explain: multipart field or JSON key
+METHOD_FIELD = "method"  # how to explain it (cifar3.explain.METHODS): multipart field or JSON key
 JSON_CONTENT_TYPE = "application/json"
 
 
@@ -80,15 +86,28 @@ def request_image_bytes(request: dict, content_type: str = "") -> bytes:
     )
 
 
-def explain_target(request: dict, classes: list[str]) -> int | None:
-    """The index of the class a request asks to explain (None: the predicted one), or ValueError."""
+def request_field(request: dict, field: str) -> str | None:
+    """A text field of an explanation request: a JSON body's key or a multipart field (None: not given)."""
     body = next((request[f] for f in INPUT_FIELDS if isinstance(request.get(f), dict)), {})
-    value = body.get(TARGET_FIELD, request.get(TARGET_FIELD))
+    value = body.get(field, request.get(field))
     if value is None:
         return None
     if isinstance(value, (bytes, bytearray)):
         value = bytes(value).decode("utf-8", "replace")
-    name = str(value).strip()
+    return str(value).strip()
+
+
+def explain_method(request: dict, default: str) -> str:
+    """The explanation method a request asks for (``default`` when it names none), or ValueError."""
+    name = request_field(request, METHOD_FIELD)
+    return default if name is None else check_method(name)
+
+
+def explain_target(request: dict, classes: list[str]) -> int | None:
+    """The index of the class a request asks to explain (None: the predicted one), or ValueError."""
+    name = request_field(request, TARGET_FIELD)
+    if name is None:
+        return None
     if name not in classes:
         raise ValueError(f"unknown target class {name[:100]!r}: choose one of {', '.join(classes)}")
     return classes.index(name)
@@ -129,8 +148,6 @@ def error_body(message: str, code: int = 400) -> str:
 class Cifar3Handler(BaseHandler):
     """ResNet18 classifier over the classes its checkpoint names."""
 
-    _explainer = None  # GradCam, built by explainer() on the first explanation request
-
     def initialize(self, context):
         properties = context.system_properties
         self.manifest = context.manifest
@@ -152,6 +169,9 @@ class Cifar3Handler(BaseHandler):
         )
         self.max_pixels = int(options.get("max_image_pixels", MAX_IMAGE_PIXELS))
         self.unknown_rule = decision(self.meta.unknown, options.get("unknown_threshold"))
+        # A misspelt method in model-config fails the load here, with the list of methods, not every request.
+        self.explanation_method = check_method(str(options.get("explanation", DEFAULT_METHOD)))
+        self.explainers = {}  # method -> Explainer, each built by explainer() on its first request
         # KServe's TorchServe runtime sets the envelope for the whole process; read once, not per batch.
         self.envelope = os.environ.get("TS_SERVICE_ENVELOPE", "")
         # One forward pass now, so the first real request does not pay for lazy initialisation.
@@ -256,53 +276,92 @@ class Cifar3Handler(BaseHandler):
         metrics.add_counter("ImagesClassified", len(images))
         batch = eval_transform(images, self.meta.image_size, self.meta.mean, self.meta.std)
         answers = self.postprocess(self.inference(batch))
+        if context.get_request_header(0, "explain") == "True":  # /v1/models/cifar3:explain, /v2/.../explain
+            self.add_kserve_explanations(items, batch, answers, kind)
         context.set_response_content_type(0, JSON_CONTENT_TYPE)
         return [json.dumps(answer) for answer in answers] if envelope == "kservev2" else answers
 
-    def explainer(self):
-        """Grad-CAM on a float32 PyTorch model of the same checkpoint, whichever engine serves predictions.
+    def add_kserve_explanations(self, items, batch, answers, kind):
+        """Explanations for every v1 instance or v2 input: a v1 instance may name ``target`` and ``method``
+        beside ``data`` (a v2 input in its ``parameters``). A bad name fails the request with 400, a failed
+        method with 500: the envelope answers the request as a whole."""
+        jobs = {}
+        for idx, item in enumerate(items):
+            fields = (item.get("parameters") if kind == "input" else item) or {}
+            try:
+                request = {"body": fields if isinstance(fields, dict) else {}}
+                target = explain_target(request, self.meta.classes)
+                method = explain_method(request, self.explanation_method)
+            except ValueError as exc:
+                raise PredictionException(f"{kind} {idx}: {exc}", 400) from None
+            target = self.meta.classes.index(answers[idx]["pred_class"]) if target is None else target
+            jobs[idx] = (idx, target, method)
+        results = self.explain_rows(batch, jobs)
+        if any(explanation is None for explanation in results.values()):
+            raise PredictionException("the explanation failed on the server; see its model_log.log", 500)
+        for idx, explanation in results.items():
+            answers[idx]["explanation"] = explanation
 
-        Built on the first explanation request, not in initialize(): a worker that only predicts never
-        loads captum or a second copy of the weights, so its start-up and memory stay as they were; the
-        first explanation a worker answers pays for the load instead.
+    def explainer(self, method: str):
+        """The Explainer for ``method`` (cifar3/explain.py) on a float32 PyTorch model of the same checkpoint,
+        whichever engine serves predictions; the perturbation methods' masked copies run on the serving engine.
+
+        Built on the method's first request, not in initialize(): a worker that only predicts never loads
+        captum or a second copy of the weights, so its start-up and memory stay as they were; the first
+        explanation a worker answers pays for the load instead.
         """
-        if self._explainer is None:
-            from cifar3.explain import GradCam  # captum: needed only here
+        if method not in self.explainers:
+            from cifar3.explain import build_explainer  # captum: needed only here
 
-            properties = self.context.system_properties
-            checkpoint = os.path.join(properties["model_dir"], self.manifest["model"]["serializedFile"])
-            model, meta = load_checkpoint(checkpoint, self.device)
-            self._explainer = GradCam(model, meta.image_size)
-        return self._explainer
+            model = next((e.model for e in self.explainers.values()), None)  # one float32 copy for every method
+            if model is None:
+                properties = self.context.system_properties
+                checkpoint = os.path.join(properties["model_dir"], self.manifest["model"]["serializedFile"])
+                model, _ = load_checkpoint(checkpoint, self.device)
+            self.explainers[method] = build_explainer(model, self.meta, method, self.engine)
+        return self.explainers[method]
+
+    def explain_rows(self, batch, jobs: dict) -> dict:
+        """{key: explanation, or None where its method failed} for jobs {key: (batch row, class index, method)}.
+        Each method runs once over its rows; a failing method costs only the requests that asked for it."""
+        results = {}
+        for method in dict.fromkeys(job[2] for job in jobs.values()):
+            keys = [key for key, job in jobs.items() if job[2] == method]
+            try:
+                explainer = self.explainer(method)
+                maps = explainer.heatmaps(batch[[jobs[k][0] for k in keys]], [jobs[k][1] for k in keys])
+            except Exception:  # a bug must cost these explanations, never the batch's predictions
+                logger.exception("explanation by %s failed for requests %s", method, keys)
+                results.update((key, None) for key in keys)
+                continue
+            for key, heatmap in zip(keys, maps, strict=True):
+                results[key] = {
+                    **explainer.describe(),
+                    "target": self.meta.classes[jobs[key][1]],
+                    "heatmap": [[round(v, 4) for v in row] for row in heatmap.tolist()],
+                }
+        self.context.metrics.add_counter("ImagesExplained", sum(v is not None for v in results.values()))
+        return results
 
     def add_explanations(self, data, batch, decoded, explain, answers, errors, failed):
-        """Attach a heat map to the answers of the ``explain`` requests; a request naming an unknown class
-        moves to ``errors`` (400), a failure of the explainer to ``failed`` (500), the others keep theirs."""
-        targets = {}
+        """Attach a heat map to the answers of the ``explain`` requests; a request naming an unknown class or
+        method moves to ``errors`` (400), a failure of its method to ``failed`` (500), the others keep theirs."""
+        jobs = {}
         for idx in explain:
             try:
                 target = explain_target(data[idx], self.meta.classes)
+                method = explain_method(data[idx], self.explanation_method)
             except ValueError as exc:
                 errors[idx] = str(exc)
                 continue
-            targets[idx] = self.meta.classes.index(answers[idx]["pred_class"]) if target is None else target
-        if not targets:
-            return
-        try:
-            explainer = self.explainer()
-            rows = [decoded.index(idx) for idx in targets]
-            maps = explainer.heatmaps(batch[rows], list(targets.values()))
-        except Exception:  # a bug must cost the explanations, never the batch's predictions
-            logger.exception("explanation failed for requests %s", list(targets))
-            failed.update((idx, "the explanation failed on the server; see its model_log.log") for idx in targets)
-            return
-        for (idx, target), heatmap in zip(targets.items(), maps, strict=True):
-            answers[idx]["explanation"] = {
-                **explainer.describe(),
-                "target": self.meta.classes[target],
-                "heatmap": [[round(v, 4) for v in row] for row in heatmap.tolist()],
-            }
-        self.context.metrics.add_counter("ImagesExplained", len(targets))
+            # An image called unknown is still explained for the class it resembles most (its pred_class).
+            target = self.meta.classes.index(answers[idx]["pred_class"]) if target is None else target
+            jobs[idx] = (decoded.index(idx), target, method)
+        for idx, explanation in self.explain_rows(batch, jobs).items():
+            if explanation is None:
+                failed[idx] = "the explanation failed on the server; see its model_log.log"
+            else:
+                answers[idx]["explanation"] = explanation
 
     def describe_handle(self):
         meta = self.meta
@@ -321,5 +380,7 @@ class Cifar3Handler(BaseHandler):
                 "max_image_pixels": self.max_pixels,
                 # how "unknown" is decided: score, threshold in use and its source, the validation figures
                 "unknown": self.unknown_rule.describe(meta.unknown),
+                # what POST /explanations/cifar3 may be asked for (its "method") and what it uses otherwise
+                "explanation": {"default": self.explanation_method, "methods": list(METHODS)},
             }
         )

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/serve.py start      # waits until cifar3 is READY, prints URLs and token file
     .venv/bin/python scripts/serve.py status     # exit 0 only when the model has a READY worker
     .venv/bin/python scripts/serve.py predict plane.jpg
-    .venv/bin/python scripts/serve.py explain plane.jpg --out overlay.png [--target ship]
+    .venv/bin/python scripts/serve.py explain plane.jpg --out overlay.png [--target ship] [--method occlusion]
     .venv/bin/python scripts/serve.py stop
     .venv/bin/python scripts/serve.py tls-cert tls   # tls/cert.pem + tls/key.pem for an https:// config
 
@@ -354,17 +354,22 @@ class Server:
         return self.client().post("predictions", image.read_bytes())
 
 
-def write_explanation(server: Server, image: Path, out: Path, target: str | None, size: int) -> int:
+def write_explanation(
+    server: Server, image: Path, out: Path, target: str | None, size: int, method: str | None = None
+) -> int:
     """Ask the server to explain ``image`` and write the heat map over it to ``out``; print the answer."""
     if not image.is_file():
         raise ServerError(f"image not found: {image}")
     data = image.read_bytes()
-    prediction, explanation = server.client().explain(data, image.name, target)
+    prediction, explanation = server.client().explain(data, image.name, target, method)
     out.parent.mkdir(parents=True, exist_ok=True)
     overlay_heatmap(data, explanation.heatmap, size=size).save(out, format="PNG")
     print(
         f"{image.name}: {prediction.pred_class} ({prediction.probs[prediction.pred_class]:.1%}); "
-        f"{explanation.method} for {explanation.target!r} at {explanation.layer} -> {out}"
+        + ("looks like none of the classes; " if prediction.unknown else "")
+        + f"{explanation.method} for {explanation.target!r}"
+        + (f" at {explanation.layer}" if explanation.layer else "")
+        + f" -> {out}"
     )
     return 0
 
@@ -512,10 +517,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="exit 0 when the model has a READY worker")
     predict = sub.add_parser("predict", help="classify an image file")
     predict.add_argument("image", type=Path)
-    explain = sub.add_parser("explain", help="write a Grad-CAM overlay: where the model found its evidence")
+    explain = sub.add_parser("explain", help="write a heat-map overlay: where the model found its evidence")
     explain.add_argument("image", type=Path)
     explain.add_argument("--out", type=Path, required=True, help="overlay picture to write (PNG)")
     explain.add_argument("--target", help="class to explain (default: the predicted one)")
+    explain.add_argument("--method", help="explanation method (default: the server's handler.explanation)")
     explain.add_argument("--size", type=int, default=256, help="overlay side in pixels (default: 256)")
     tls = sub.add_parser("tls-cert", help="write a self-signed certificate and key for https:// addresses")
     tls.add_argument("dir", type=Path, help="folder for cert.pem and key.pem")
@@ -561,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0 if state["ready"] else 1
         elif args.command == "explain":
-            return write_explanation(server, args.image, args.out, args.target, args.size)
+            return write_explanation(server, args.image, args.out, args.target, args.size, args.method)
         elif args.command == "predict":
             if not args.image.is_file():
                 raise ServerError(f"image not found: {args.image}")

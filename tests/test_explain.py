@@ -1,61 +1,42 @@
-"""Grad-CAM explanations: right on a data set with a known answer, and through the real TorchServe.
+"""Explanations: right on a data set with a known answer, every method through the real TorchServe.
 
 The correctness test trains a tiny model with the real CLI on images whose class is decided only by a
-small coloured square at a random position on colour noise; the heat map's peak must then fall on the
-square. The API tests talk HTTP to the session's TorchServe (conftest's ``server``).
+small coloured square at a random position on colour noise (bench.faithfulness.square_images); the heat
+map's peak must then fall on the square. The API tests talk HTTP to the session's TorchServe (conftest's
+``server``). How faithful each method is on real images is measured by bench/faithfulness.py, not here.
 """
 
 from __future__ import annotations
 
 import base64
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
 import torch
 import yaml
 from conftest import MODEL_CONFIG, PYTHON, ROOT, run_cli, start_server
 from PIL import Image
-from synthetic import encode, sample_image
+from synthetic import class_images, encode, sample_image
+from test_handler import handle, make_context
 
+from bench.faithfulness import square_hits, square_images, train_squares
 from cifar3.checkpoint import load_checkpoint
-from cifar3.explain import GradCam, default_layer, stage_grids
+from cifar3.explain import DEFAULT_METHOD, METHODS, build_explainer, stage_grids
 from cifar3.model import build_model
 from cifar3.preprocessing import eval_transform
+from handler.cifar3_handler import Cifar3Handler
 from ui.client import overlay_heatmap, parse_explanation
 
 CLASSES = ["airplane", "automobile", "ship"]
-SQUARE = 8  # pixels per side of the object that decides the class
-SQUARE_COLOURS = {"airplane": (230, 40, 40), "automobile": (40, 220, 40), "ship": (40, 40, 230)}
-
-
-def square_images(count: int, seed: int) -> list[tuple[str, Image.Image, tuple[int, int]]]:
-    """(class, image, (top, left) of its square) for count images per class: colour noise plus one square."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for name, colour in SQUARE_COLOURS.items():
-        for _ in range(count):
-            pixels = rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)
-            top, left = (int(v) for v in rng.integers(0, 32 - SQUARE + 1, 2))
-            pixels[top : top + SQUARE, left : left + SQUARE] = colour
-            out.append((name, Image.fromarray(pixels), (top, left)))
-    return out
 
 
 @pytest.fixture(scope="module")
 def square_checkpoint(tmp_path_factory) -> Path:
     """The CPU preset's variant (resnet18_pool) trained by the real CLI on 450 square images (~30 s on 2 cores)."""
-    folder = tmp_path_factory.mktemp("squares")
-    for i, (name, image, _) in enumerate(square_images(150, seed=0)):
-        (folder / name).mkdir(exist_ok=True)
-        image.save(folder / name / f"{i:04d}.png")
-    out = folder / "squares.pt"
-    result = run_cli(PYTHON, "-m", "training.train", "--data", str(folder), "--out", str(out), "--preset", "cpu",
-                     "--epochs", "4", "--batch-size", "32", "--lr", "0.05", "--device", "cpu")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+    return train_squares(tmp_path_factory.mktemp("squares"), PYTHON)
 
 
 def test_heat_map_peaks_on_the_object(square_checkpoint):
@@ -64,46 +45,39 @@ def test_heat_map_peaks_on_the_object(square_checkpoint):
     samples = square_images(40, seed=1)  # images the model never saw
     batch = eval_transform([image for _, image, _ in samples], meta.image_size, meta.mean, meta.std)
     with torch.no_grad():
-        predicted = model(batch).argmax(1)
+        predicted = model(batch)[:, : len(meta.classes)].argmax(1)
     labels = torch.tensor([meta.classes.index(name) for name, _, _ in samples])
     assert (predicted == labels).float().mean() >= 0.9  # the model learnt the squares
-    cam = GradCam(model, meta.image_size)
-    assert (cam.layer, cam.grid) == ("layer2", 8)
-    maps = cam.heatmaps(batch, predicted.tolist())
-    assert maps.shape == (len(samples), 32, 32) and maps.min() >= 0 and maps.max() <= 1
-    hits = 0
-    for heatmap, (_, _, (top, left)) in zip(maps, samples, strict=True):
-        row, col = divmod(int(heatmap.argmax()), 32)
-        hits += top <= row < top + SQUARE and left <= col < left + SQUARE
-    assert hits / len(samples) >= 0.8, f"peak on the square for {hits} of {len(samples)} images"
+    hits = {m: square_hits(model, meta, m, samples) for m in (DEFAULT_METHOD, "grad-cam-layer2", "grad-cam-layer4")}
+    # A peak falls on the square by chance for 64 of 1024 pixels (6%). Grad-CAM's 8 x 8 cells find the square
+    # itself; the default's 16 x 16 cells often peak at its edge, where the colour meets the noise (59% measured).
+    assert hits["grad-cam-layer2"] >= 0.8 * len(samples), hits
+    assert hits[DEFAULT_METHOD] >= 0.4 * len(samples), hits
     # The last stage of this variant has 2 x 2 cells: too coarse to point at an 8 x 8 object.
-    coarse = GradCam(model, meta.image_size, layer="layer4").heatmaps(batch, predicted.tolist())
-    coarse_hits = sum(
-        top <= divmod(int(h.argmax()), 32)[0] < top + SQUARE and left <= divmod(int(h.argmax()), 32)[1] < left + SQUARE
-        for h, (_, _, (top, left)) in zip(coarse, samples, strict=True)
-    )
-    assert coarse_hits < hits
+    assert hits["grad-cam-layer4"] < hits["grad-cam-layer2"], hits
 
 
-def test_each_map_is_independent_of_its_batch(square_checkpoint):
+def test_every_method_maps_each_image_on_its_own(square_checkpoint):
+    """Each method answers one N x 32 x 32 map in [0, 1] per image, the same alone as in a batch."""
     model, meta = load_checkpoint(square_checkpoint)
-    images = [image for _, image, _ in square_images(3, seed=2)]
+    images = [image for _, image, _ in square_images(1, seed=2)][1:]
     batch = eval_transform(images, meta.image_size, meta.mean, meta.std)
-    cam = GradCam(model, meta.image_size)
-    targets = [i % 3 for i in range(len(images))]
-    together = cam.heatmaps(batch, targets)
-    for i in range(len(images)):
-        assert torch.allclose(cam.heatmaps(batch[i : i + 1], targets[i : i + 1])[0], together[i], atol=1e-5)
-    with pytest.raises(ValueError, match="2 targets for 9 images"):
-        cam.heatmaps(batch, [0, 1])
+    targets = [2, 0]
+    for method in METHODS:
+        explainer = build_explainer(model, meta, method)
+        together = explainer.heatmaps(batch, targets)
+        assert together.shape == (2, 32, 32) and together.min() >= 0 and together.max() <= 1, method
+        alone = explainer.heatmaps(batch[1:], targets[1:])[0]
+        assert torch.allclose(alone, together[1], atol=1e-4), method
+    with pytest.raises(ValueError, match="1 targets for 2 images"):
+        explainer.heatmaps(batch, [0])
+    with pytest.raises(ValueError, match="class indices below 3"):
+        explainer.heatmaps(batch, [0, 3])  # the other-class output is never explained
 
 
-@pytest.mark.parametrize(("variant", "layer"), [("resnet18_pool", "layer2"), ("resnet18_fast", "layer2"),
-                                                ("resnet18_cifar", "layer3"),
-                                                ("resnet18_imagenet", "layer1")])  # fmt: skip
-def test_default_layer_keeps_an_8x8_grid(variant, layer):
-    model = build_model(variant, 3).eval()
-    assert default_layer(model, 32) == layer and stage_grids(model, 32)[layer] == 8
+@pytest.mark.parametrize(("variant", "grids"), [("resnet18_pool", [16, 8, 4, 2]), ("resnet18_cifar", [32, 16, 8, 4])])
+def test_grad_cam_grids_follow_the_stem(variant, grids):
+    assert list(stage_grids(build_model(variant, 3).eval(), 32).values()) == grids
 
 
 def test_overlay_is_the_image_tinted_by_the_heat_map():
@@ -147,18 +121,43 @@ def test_explanations_api_answers_every_input_form(server, tiny_checkpoint):
         bodies.append(response.json())
     assert all(body == bodies[0] for body in bodies)
     body = bodies[0]
-    assert {k: body[k] for k in ("pred_class", "probs")} == prediction  # the served prediction, unchanged
+    assert {k: body[k] for k in prediction} == prediction  # the served prediction, unchanged
     explanation = body["explanation"]
-    assert explanation["method"] == "grad-cam" and explanation["target"] == prediction["pred_class"]
-    assert (explanation["layer"], explanation["layer_grid"], explanation["grid"]) == ("layer2", 8, 32)
+    # model-config's handler.explanation serves a request that names no method
+    assert explanation["method"] == MODEL_CONFIG["handler"]["explanation"] == DEFAULT_METHOD
+    assert explanation["target"] == prediction["pred_class"] and explanation["grid"] == 32
     heatmap = torch.tensor(explanation["heatmap"])
     assert heatmap.shape == (32, 32) and heatmap.min() >= 0 and heatmap.max() == 1
     parse_explanation(body)  # what the UI's client reads
     # the same map as the core computes in-process from the same checkpoint and preprocessing
     model, meta = load_checkpoint(tiny_checkpoint)
     batch = eval_transform([sample_image("ship")], meta.image_size, meta.mean, meta.std)
-    expected = GradCam(model, meta.image_size).heatmaps(batch, [CLASSES.index(explanation["target"])])[0]
-    assert torch.allclose(heatmap, expected, atol=2e-3)
+    expected = build_explainer(model, meta, DEFAULT_METHOD).heatmaps(batch, [CLASSES.index(explanation["target"])])
+    assert torch.allclose(heatmap, expected[0], atol=2e-3)
+    described = server.client().describe(customized=True)["customizedMetadata"]["explanation"]
+    assert described == {"default": DEFAULT_METHOD, "methods": list(METHODS)}
+
+
+@pytest.mark.server
+def test_every_method_answers_a_map_of_the_image_size(server):
+    """Each method by name, as a JSON key and as a multipart field, for a class image and for an image of none of
+    the classes (explained for the class it resembles most, the answer saying it is unknown)."""
+    image = encode(sample_image("airplane"), "PNG")
+    grey = encode(Image.fromarray(class_images("grey", 1, seed=5)[0]), "PNG")
+    prediction = post(server, "predictions", data=image).json()
+    for method in METHODS:
+        by_json = post(server, **as_json(image, method=method, target="ship"))
+        assert by_json.status_code == 200, (method, by_json.text)
+        body = by_json.json()
+        assert {k: body[k] for k in prediction} == prediction  # the served prediction, unchanged
+        explanation = body["explanation"]
+        assert (explanation["method"], explanation["target"], explanation["grid"]) == (method, "ship", 32)
+        heatmap = torch.tensor(explanation["heatmap"])
+        assert heatmap.shape == (32, 32) and heatmap.min() >= 0 and heatmap.max() <= 1, method
+        unknown = post(server, files={"data": ("grey.png", grey, "image/png")}, data={"method": method}).json()
+        assert unknown["unknown"] is True and unknown["explanation"]["method"] == method
+        assert unknown["explanation"]["target"] == unknown["pred_class"]
+        assert torch.tensor(unknown["explanation"]["heatmap"]).shape == (32, 32)
 
 
 @pytest.mark.server
@@ -189,13 +188,71 @@ def test_bad_input_gets_the_same_400_as_predictions(server):
             "error": f"unknown target class {unknown!r}: choose one of airplane, automobile, ship",
             "code": 400,
         }
+    for unknown in ("grad-cam", "", "Occlusion"):
+        for response in (
+            post(server, **as_json(image, method=unknown)),
+            post(server, files={"data": ("s.png", image, "image/png")}, data={"method": unknown}),
+        ):
+            assert response.status_code == 400, response.text
+            assert response.json() == {
+                "error": f"unknown explanation method {unknown!r}: choose one of {', '.join(METHODS)}",
+                "code": 400,
+            }
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, model_store) -> Path:
+    """The session archive's files, as TorchServe unpacks them for a worker."""
+    folder = tmp_path_factory.mktemp("mar")
+    with zipfile.ZipFile(model_store / "cifar3.mar") as mar:
+        mar.extractall(folder)
+    return folder
+
+
+def test_a_failing_method_costs_only_its_requests(model_dir):
+    """The handler in-process with TorchServe's own Context: one method's explainer breaks (a fault put into it
+    here; nothing in the served methods fails on purpose); the requests for it get 500, the same batch's other
+    explanations, predictions and bad requests get their own answers."""
+    handler = Cifar3Handler()
+    handler.initialize(make_context(model_dir))
+    image = {"data": {"data": base64.b64encode(encode(sample_image("ship"), "PNG")).decode()}}
+    occlusion = {"data": {**image["data"], "method": "occlusion"}}
+    codes, _ = handle(handler, model_dir, [occlusion], [{"explain": "True"}])  # builds the occlusion explainer
+    assert codes == [200]
+
+    def fail(batch):
+        raise RuntimeError("broken on purpose")
+
+    handler.explainers["occlusion"].probs = fail
+    requests_ = [
+        {"data": {**image["data"], "method": "occlusion"}},
+        image,
+        {"data": {**image["data"], "method": "feature-ablation"}},
+        {"data": {**image["data"], "method": "nope"}},
+        image,
+    ]
+    explain = {"explain": "True"}
+    codes, bodies = handle(handler, model_dir, requests_, [explain, explain, explain, explain, {}])
+    assert codes == [500, 200, 200, 400, 200]
+    assert bodies[0] == {"error": "the explanation failed on the server; see its model_log.log", "code": 500}
+    assert bodies[1]["explanation"]["method"] == DEFAULT_METHOD
+    assert bodies[2]["explanation"]["method"] == "feature-ablation"
+    assert "unknown explanation method 'nope'" in bodies[3]["error"]
+    assert "explanation" not in bodies[4] and bodies[4]["pred_class"] == bodies[1]["pred_class"]
+
+
+def test_a_misspelt_method_in_model_config_stops_the_load(model_dir):
+    context = make_context(model_dir)
+    context.model_yaml_config["handler"]["explanation"] = "gradcam"
+    with pytest.raises(ValueError, match="unknown explanation method 'gradcam': choose one of grad-cam-layer1"):
+        Cifar3Handler().initialize(context)
 
 
 @pytest.mark.server
 def test_mixed_concurrent_batches_answer_each_request_its_own_way(server):
     """Predictions, explanations and bad requests sent together share TorchServe's batches; each gets its answer."""
     images = [encode(sample_image(CLASSES[i % 3], seed=40 + i)) for i in range(24)]
-    alone = {i: post(server, data=images[i]).json() for i in (1, 2, 5)}
+    alone = {i: post(server, data=images[i]).json() for i in (1, 5, 9)}
 
     def send(i: int) -> tuple[int, requests.Response]:
         kind = i % 4
@@ -203,6 +260,8 @@ def test_mixed_concurrent_batches_answer_each_request_its_own_way(server):
             return i, post(server, "predictions", data=images[i])
         if kind == 3:
             return i, post(server, **as_json(b"not an image", target="ship"))
+        if kind == 2:
+            return i, post(server, **as_json(images[i], method="feature-ablation"))
         return i, post(server, data=images[i])
 
     with ThreadPoolExecutor(12) as pool:
@@ -215,6 +274,8 @@ def test_mixed_concurrent_batches_answer_each_request_its_own_way(server):
         assert response.status_code == 200, response.text
         body = response.json()
         assert ("explanation" in body) == (kind != 0)
+        if kind == 2:
+            assert body["explanation"]["method"] == "feature-ablation"
         if i in alone:
             together, by_itself = (torch.tensor(b["explanation"]["heatmap"]) for b in (body, alone[i]))
             assert torch.allclose(together, by_itself, atol=2e-3)
@@ -225,9 +286,10 @@ def test_serve_py_explain_writes_the_overlay(server, tmp_path):
     image = tmp_path / "ship.png"
     sample_image("ship", size=64).save(image)
     out = tmp_path / "overlay.png"
-    result = run_cli(*server.command(), "explain", str(image), "--out", str(out), "--target", "automobile")
+    result = run_cli(*server.command(), "explain", str(image), "--out", str(out), "--target", "automobile",
+                     "--method", "occlusion")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "grad-cam for 'automobile'" in result.stdout and str(out) in result.stdout
+    assert "occlusion for 'automobile'" in result.stdout and str(out) in result.stdout
     with Image.open(out) as overlay:
         assert overlay.format == "PNG" and overlay.size == (256, 256)
     result = run_cli(*server.command(), "explain", str(image), "--out", str(tmp_path / "x.png"), "--target", "cat")
@@ -256,11 +318,15 @@ def test_explanations_work_when_onnx_runtime_serves_predictions(tiny_checkpoint,
         response = post(server, data=image)
         assert response.status_code == 200, response.text
         body = response.json()
-        assert {k: body[k] for k in ("pred_class", "probs")} == prediction
+        assert {k: body[k] for k in prediction} == prediction
         model, meta = load_checkpoint(tiny_checkpoint)
         batch = eval_transform([sample_image("ship")], meta.image_size, meta.mean, meta.std)
         target = CLASSES.index(body["explanation"]["target"])
-        expected = GradCam(model, meta.image_size).heatmaps(batch, [target])[0]
+        expected = build_explainer(model, meta, DEFAULT_METHOD).heatmaps(batch, [target])[0]
         assert torch.allclose(torch.tensor(body["explanation"]["heatmap"]), expected, atol=2e-3)
+        # occlusion's masked copies run on the serving engine, here ONNX Runtime's float32 model
+        occluded = post(server, **as_json(image, method="occlusion")).json()["explanation"]["heatmap"]
+        expected = build_explainer(model, meta, "occlusion").heatmaps(batch, [target])[0]
+        assert torch.allclose(torch.tensor(occluded), expected, atol=1e-2)
     finally:
         server.stop()

@@ -470,6 +470,38 @@ def test_v1_inference_answers_predictions_and_rejects_bad_instances(v1_server):
         assert_bad_request(requests.post(url, json=bad, timeout=60), *fragments)
 
 
+def assert_explained(answer: dict, method: str, target: str) -> None:
+    explanation = answer.pop("explanation")
+    assert_answer(answer)
+    assert (explanation["method"], explanation["target"], explanation["grid"]) == (method, target, 32)
+    heatmap = np.array(explanation["heatmap"])
+    assert heatmap.shape == (32, 32) and heatmap.min() >= 0 and heatmap.max() <= 1
+
+
+@needs_runtime
+@pytest.mark.server
+def test_kserve_explain_routes_answer_heat_maps(v1_server, v2_server):
+    """TorchServe routes KServe's v1 ":explain" and v2 "/explain" to the handler: each image's answer carries its
+    heat map (v1 instances may name target and method, v2 inputs in their parameters); a bad name is a 400."""
+    image = png(11)
+    v1 = f"{v1_server.inference_url}/v1/models/cifar3:explain"
+    body = {"instances": [{"data": b64(image)}, {"data": b64(image), "target": "ship", "method": "occlusion"}]}
+    response = requests.post(v1, json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    default, named = response.json()["explanations"]
+    assert_explained(named, "occlusion", "ship")
+    assert_explained(default, yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["handler"]
+                     ["explanation"], default["pred_class"])  # fmt: skip
+    bad = {"instances": [{"data": b64(image), "method": "nope"}]}
+    assert_bad_request(requests.post(v1, json=bad, timeout=60), "instance 0", "unknown explanation method 'nope'")
+
+    v2 = f"{v2_server.inference_url}/v2/models/cifar3/explain"
+    inputs = v2_body(image)["inputs"]
+    inputs[0]["parameters"] = {"method": "feature-ablation", "target": "airplane"}
+    (answer,) = v2_answers(requests.post(v2, json={"inputs": inputs}, timeout=60))
+    assert_explained(answer, "feature-ablation", "airplane")
+
+
 PROMETHEUS_LINE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_]\w*="[^"]*",?)*\})? -?[0-9.eE+-]+|NaN$')
 
 

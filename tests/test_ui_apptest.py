@@ -273,16 +273,34 @@ def test_show_what_the_model_looked_at_overlays_each_image(app, server):
     upload(app, ("ship.png", data))
     assert not app.exception and not app.error, [e.value for e in app.error]
     assert f"#### ship.png: **{expected['pred_class']}**" in [m.value for m in app.main.markdown]
-    assert image_captions(app) == ["ship.png", f"grad-cam for {expected['explanation']['target']}"]
+    method = expected["explanation"]["method"]  # the server's default, preselected
+    assert app.selectbox(key="explain_method").value == method
+    assert image_captions(app) == ["ship.png", f"{method} for {expected['explanation']['target']}"]
     assert len(charts(app)) == 1
 
     app.selectbox(key="explain_target").set_value("airplane").run()
     assert not app.exception and not app.error, [e.value for e in app.error]
-    assert image_captions(app) == ["ship.png", "grad-cam for airplane"]
+    assert image_captions(app) == ["ship.png", f"{method} for airplane"]
     assert server_explanation(server, data, "airplane")["explanation"]["target"] == "airplane"
+
+    app.selectbox(key="explain_method").set_value("occlusion").run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert image_captions(app) == ["ship.png", "occlusion for airplane"]
 
     app.toggle(key="explain").set_value(False).run()
     assert image_captions(app) == ["ship.png"] and not app.get("selectbox")
+
+
+def test_an_image_of_none_of_the_classes_is_explained_for_its_closest_class(app, server):
+    data = encode(Image.fromarray(class_images("grey", 1, seed=5)[0]), "PNG")
+    expected = server_explanation(server, data)
+    assert expected["unknown"] is True and expected["explanation"]["target"] == expected["pred_class"]
+    app.toggle(key="explain").set_value(True).run()
+    upload(app, ("grey.png", data))
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert "#### grey.png: looks like none of: airplane, automobile, ship" in [m.value for m in app.main.markdown]
+    method = expected["explanation"]["method"]
+    assert image_captions(app) == ["grey.png", f"{method} for {expected['pred_class']} (looks like none)"]
 
 
 def test_explaining_a_bad_image_shows_the_servers_message(app, server):

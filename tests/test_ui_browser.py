@@ -163,7 +163,7 @@ def test_upload_in_a_browser_shows_the_prediction(server, page_url, browser, tmp
         )
     )
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "[data-testid=stImage] img")))
-    overlay_caption = f"grad-cam for {expected['pred_class']}"
+    overlay_caption = f"{expected['explanation']['method']} for {expected['pred_class']}"
     wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "[data-testid=stMain]"), overlay_caption))
     wait.until(lambda driver: len(driver.find_elements(By.CSS_SELECTOR, "[data-testid=stImage] img")) == 2)
     overlay = browser.find_elements(By.CSS_SELECTOR, "[data-testid=stImage] img")[1]

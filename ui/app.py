@@ -7,8 +7,8 @@ Start TorchServe first (``.venv/bin/python scripts/serve.py start``), then, from
 and open http://127.0.0.1:8501. Upload one or several images (jpg, jpeg, png, webp, bmp, gif): each is
 sent to the server as raw bytes, all of them concurrently, and shown with its predicted class, the
 probability of every class and the round-trip latency. The sidebar shows the server's state. The toggle
-"Show what the model looked at" asks the explanations API instead and lays each image's Grad-CAM heat map
-over it (red: strongest evidence for the class; the class to explain is selectable).
+"Show what the model looked at" asks the explanations API instead and lays each image's heat map over it
+(red: strongest evidence for the class; the class to explain and the method are selectable).
 
 The page only speaks HTTP to TorchServe (see ui/client.py; no torch here). Configuration comes
 from CIFAR3_INFERENCE_URL, CIFAR3_MANAGEMENT_URL, CIFAR3_TOKEN_FILE, CIFAR3_TOKEN and
@@ -176,9 +176,11 @@ def show_outcome(outcome: Outcome, data: bytes, alpha: float = 0.5) -> None:
         with columns[0]:
             preview(data, outcome.name)
         if explanation:
+            unknown = outcome.prediction is not None and outcome.prediction.unknown
             columns[1].image(
                 overlay_heatmap(data, explanation.heatmap, alpha=alpha, size=PREVIEW_WIDTH),
-                caption=f"{explanation.method} for {explanation.target}",
+                # an unknown image is explained for the class it resembles most; the caption keeps that visible
+                caption=f"{explanation.method} for {explanation.target}" + (" (looks like none)" if unknown else ""),
                 width=PREVIEW_WIDTH,
             )
         with columns[-1]:
@@ -202,28 +204,45 @@ def show_outcome(outcome: Outcome, data: bytes, alpha: float = 0.5) -> None:
             st.altair_chart(probability_chart(prediction), width="stretch")
 
 
-def explain_options(classes: Sequence[str]) -> tuple[bool, str | None, float]:
-    """The "Show what the model looked at" toggle and, when on, the class to explain and the overlay's opacity."""
+def explain_options(
+    classes: Sequence[str], explanation: dict | None = None
+) -> tuple[bool, str | None, str | None, float]:
+    """The "Show what the model looked at" toggle and, when on, the class to explain, the method (from the
+    server's describe ``explanation``: its methods and default; none offered when it does not say) and the
+    overlay's opacity."""
     explain = st.toggle(
         "Show what the model looked at",
         key="explain",
-        help="Grad-CAM through TorchServe's explanations API: red marks where the evidence for the class lies.",
+        help="TorchServe's explanations API: red marks where the evidence for the class lies.",
     )
     if not explain:
-        return False, None, 0.5
-    left, right = st.columns(2)
+        return False, None, None, 0.5
+    left, middle, right = st.columns(3)
     target = left.selectbox("Class to explain", [PREDICTED, *classes], key="explain_target")
+    methods = [str(m) for m in (explanation or {}).get("methods") or []]
+    default = (explanation or {}).get("default")
+    method = (
+        middle.selectbox("Method", methods, index=methods.index(default) if default in methods else 0,
+                         key="explain_method")
+        if methods
+        else None
+    )  # fmt: skip
     alpha = right.slider("Heat map opacity", 0.1, 0.9, 0.5, 0.1, key="explain_alpha")
-    return True, None if target == PREDICTED else target, alpha
+    return True, None if target == PREDICTED else target, method, alpha
 
 
 def show_results(
-    client: Cifar3Client, files: Sequence, explain: bool = False, target: str | None = None, alpha: float = 0.5
+    client: Cifar3Client,
+    files: Sequence,
+    explain: bool = False,
+    target: str | None = None,
+    alpha: float = 0.5,
+    method: str | None = None,
 ) -> None:
     """Send every upload at once and show the answers in upload order."""
     uploads = [(f.name, f.getvalue()) for f in files]
     with st.spinner(f"{'Explaining' if explain else 'Classifying'} {len(uploads)} image(s)…"):
-        outcomes = client.predict_many(uploads, explain=explain, target=target)
+        outcomes = client.predict_many(uploads, explain=explain, target=target, method=method)
     ok = sum(o.prediction is not None for o in outcomes)
     st.caption(
         f"{ok} of {len(outcomes)} image(s) classified · slowest round trip "
@@ -254,7 +273,11 @@ def main() -> None:
         st.error(f"The server cannot classify images right now: {state.blocking}")
     elif state.problems:
         st.warning(f"Images can be sent, but the server's state is incomplete: {state.problems[0]}")
-    explain, target, alpha = explain_options([str(c) for c in classes] if isinstance(classes, list) else [])
+    explanation = state.model.metadata.get("explanation") if state.model else None
+    explain, target, method, alpha = explain_options(
+        [str(c) for c in classes] if isinstance(classes, list) else [],
+        explanation if isinstance(explanation, dict) else None,
+    )
     files = st.file_uploader(
         "Images",
         type=list(IMAGE_TYPES),
@@ -265,7 +288,7 @@ def main() -> None:
     if not files:
         st.info(f"Upload one or several images ({', '.join(IMAGE_TYPES)}) to classify them.")
         return
-    show_results(client, files, explain, target, alpha)
+    show_results(client, files, explain, target, alpha, method)
 
 
 main()

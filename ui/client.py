@@ -701,9 +701,13 @@ class Cifar3Client:
                 raise ClientError(f"unexpected answer for {name}: {exc}", "bad_answer") from None
         raise self._failure(response, name, data)
 
-    def explain(self, data: bytes, name: str = "image", target: str | None = None) -> tuple[Prediction, Explanation]:
-        """The prediction and a Grad-CAM heat map for ``target`` (default: the predicted class), or ClientError."""
+    def explain(
+        self, data: bytes, name: str = "image", target: str | None = None, method: str | None = None
+    ) -> tuple[Prediction, Explanation]:
+        """The prediction and a heat map for ``target`` (default: the predicted class) by ``method`` (default: the
+        server's, handler.explanation in model-config.yaml), or ClientError."""
         body = {"data": base64.b64encode(data).decode("ascii")} | ({"target": target} if target else {})
+        body |= {"method": method} if method else {}
         response = self.post("explanations", json.dumps(body).encode(), {"Content-Type": "application/json"})
         if response.status_code == 200:
             try:
@@ -739,12 +743,16 @@ class Cifar3Client:
             f"the server failed on {name} (HTTP {status}: {error_text(response)}); see run/logs/model_log.log", "server"
         )
 
-    def timed_predict(self, name: str, data: bytes, explain: bool = False, target: str | None = None) -> Outcome:
-        """predict() (or with ``explain``, explain() for ``target``) as an Outcome, with the round-trip latency
-        in milliseconds."""
+    def timed_predict(
+        self, name: str, data: bytes, explain: bool = False, target: str | None = None, method: str | None = None
+    ) -> Outcome:
+        """predict() (or with ``explain``, explain() for ``target`` by ``method``) as an Outcome, with the round-trip
+        latency in milliseconds."""
         started = time.perf_counter()
         try:
-            prediction, explanation = self.explain(data, name, target) if explain else (self.predict(data, name), None)
+            prediction, explanation = (
+                self.explain(data, name, target, method) if explain else (self.predict(data, name), None)
+            )
         except ClientError as exc:
             return Outcome(name, (time.perf_counter() - started) * 1000, error=exc.message, kind=exc.kind)
         return Outcome(name, (time.perf_counter() - started) * 1000, prediction=prediction, explanation=explanation)
@@ -755,10 +763,14 @@ class Cifar3Client:
         parallel: int = MAX_PARALLEL,
         explain: bool = False,
         target: str | None = None,
+        method: str | None = None,
     ) -> list[Outcome]:
         """Outcomes for (name, bytes) pairs, in their order; the requests go out concurrently. ``explain``: each
-        outcome also carries a heat map for ``target`` (default: each image's predicted class)."""
+        outcome also carries a heat map for ``target`` (default: each image's predicted class) by ``method``
+        (default: the server's)."""
         if not images:
             return []
         with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(images))), thread_name_prefix="cifar3") as pool:
-            return list(pool.map(lambda item: self.timed_predict(*item, explain=explain, target=target), images))
+            return list(
+                pool.map(lambda item: self.timed_predict(*item, explain=explain, target=target, method=method), images)
+            )
