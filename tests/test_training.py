@@ -29,7 +29,7 @@ from cifar3.model import VARIANTS, PretrainedWeightsError, build_model, imagenet
 from cifar3.preprocessing import CIFAR10_MEAN, CIFAR10_STD, normalize
 from training.corruptions import CORRUPTIONS, UPSCALED_SIZE, write_corrupted_folders
 from training.data import DataError, limit_per_class, load_split, resolve_classes, stratified_split
-from training.train import BestSnapshot, Progress, Recipe, one_cycle, train_epoch
+from training.train import BestSnapshot, Progress, Recipe, make_objective, one_cycle, train_epoch
 
 CLASSES = ["airplane", "automobile", "ship"]
 
@@ -396,7 +396,7 @@ def test_progressive_resizing_trains_small_inputs_first(image_folder):
     mean, std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
     progress = Progress(steps=4)
     seen = train_epoch(model, optimizer, progress, data.images[:40], data.labels[:40], recipe, gen, mean, std,
-                       False, "test")[2]  # fmt: skip
+                       False, "test", make_objective(recipe, 3))[2]  # fmt: skip
     assert sizes == [24, 24, 32, 32] and seen == 40 and progress.done
 
 
@@ -580,7 +580,7 @@ def test_evaluate_cli_writes_report_and_ends_with_json(tmp_path, tiny_checkpoint
     assert 0.0 <= metrics["ece"] <= 1.0
     assert Image.open(report / "confusion_matrix.png").size[0] > 200
     rows = (report / "predictions.csv").read_text().splitlines()
-    assert len(rows) == 181 and rows[0] == "path,label,pred_class,airplane,automobile,ship"
+    assert len(rows) == 181 and rows[0] == "path,label,pred_class,airplane,automobile,ship,unknown_score,unknown"
     # The test split of a CIFAR folder is used for cifar-style sources.
     result = run_cli(
         PYTHON,
