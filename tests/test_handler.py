@@ -76,7 +76,8 @@ def png_with_declared_size(width: int, height: int) -> bytes:
 def test_answer_has_every_class_and_probabilities_sum_to_one(handler, model_dir):
     codes, bodies = handle(handler, model_dir, [{"body": encode(sample_image("ship"))}])
     assert codes == [200]
-    assert set(bodies[0]) == {"pred_class", "probs"} and list(bodies[0]["probs"]) == CLASSES
+    assert set(bodies[0]) == {"pred_class", "probs", "unknown", "unknown_score"} and list(bodies[0]["probs"]) == CLASSES
+    assert isinstance(bodies[0]["unknown"], bool) and 0.0 <= bodies[0]["unknown_score"] <= 1.0  # other-class output
     assert sum(bodies[0]["probs"].values()) == pytest.approx(1.0, abs=1e-6)
     assert bodies[0]["pred_class"] == max(bodies[0]["probs"], key=bodies[0]["probs"].get)
 

@@ -134,13 +134,19 @@ GLYPHS = "0123456789ABCDEFGHJKLMNPQRSTUVWXYZabdefghkmnqrt"
 
 
 def glyph_image(rng: np.random.Generator, side: int = 64) -> Image.Image:
-    """One to three letters or digits, random colours, size and place."""
-    paper = tuple(int(v) for v in rng.integers(0, 256, 3))
-    ink = tuple(int(255 - v) if rng.random() < 0.7 else int(w) for v, w in zip(paper, rng.integers(0, 256, 3)))
+    """One to three letters or digits at a random size, weight and place: half of them light on dark or dark on
+    light in grey (as a scanned or handwritten character), half in random colours."""
+    if rng.random() < 0.5:
+        dark, light = int(rng.integers(0, 70)), int(rng.integers(185, 256))
+        paper, ink = ((dark,) * 3, (light,) * 3) if rng.random() < 0.5 else ((light,) * 3, (dark,) * 3)
+    else:
+        paper = tuple(int(v) for v in rng.integers(0, 256, 3))
+        ink = tuple(int(255 - v) if rng.random() < 0.7 else int(w) for v, w in zip(paper, rng.integers(0, 256, 3)))
     image = Image.new("RGB", (side, side), paper)
     text = "".join(GLYPHS[i] for i in rng.integers(0, len(GLYPHS), rng.integers(1, 4)))
     font = ImageFont.load_default(size=int(rng.integers(20, 56)))
-    ImageDraw.Draw(image).text((int(rng.integers(-4, 24)), int(rng.integers(-8, 20))), text, fill=ink, font=font)
+    ImageDraw.Draw(image).text((int(rng.integers(-4, 24)), int(rng.integers(-8, 20))), text, fill=ink, font=font,
+                               stroke_width=int(rng.integers(0, 3)), stroke_fill=ink)  # fmt: skip
     return image
 
 
