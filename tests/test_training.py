@@ -350,6 +350,10 @@ def test_steps_replays_a_schedule_without_the_clock(tmp_path, image_folder):
     records = [json.loads(line) for line in out.with_suffix(".log.jsonl").read_text().splitlines()]
     assert [r["steps"] for r in records] == [3, 5]
     assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 5
+    # trained on its classes alone: the post-hoc energy score, its threshold accepting 95% of the validation images
+    unknown = load_checkpoint(out)[1].unknown
+    assert unknown["method"] == "post-hoc" and unknown["score"] == "energy" and unknown["known_accepted"] >= 0.95
+    assert "auroc" not in unknown and unknown["validation_images"]["unknown"] == 0
 
 
 def test_one_cycle_has_torchs_one_cycle_shape():

@@ -21,6 +21,7 @@ from cifar3.preprocessing import CIFAR10_MEAN, CIFAR10_STD
 from cifar3.unknown import ENERGY, OTHER_CLASS, decision, fit_threshold, split_scores
 from training.data import Dataset
 from training.evaluate import evaluate
+from training.train import build_parser, unknown_source
 from training.unknowns import (
     CHECK_KINDS,
     SYNTHETIC_KINDS,
@@ -169,10 +170,12 @@ def test_a_cifar_source_trains_with_its_other_classes_unless_told_not_to(cifar_d
     model, meta = train_quick(cifar_dir, tmp_path / "with.pt")
     assert meta.unknown["score"] == OTHER_CLASS and meta.num_outputs == 4 and model.fc.out_features == 4
     assert meta.unknown["validation_images"]["unknown"] > 0 and 0 <= meta.unknown["auroc"] <= 1
-    assert meta.unknown["known_accepted"] >= 0.95
-    _, plain = train_quick(cifar_dir, tmp_path / "without.pt", "--no-unknown-data")
-    assert plain.num_outputs == 3 and plain.unknown["method"] == "post-hoc" and plain.unknown["score"] == ENERGY
-    assert plain.unknown["known_accepted"] >= 0.95 and "auroc" not in plain.unknown
+    assert meta.unknown["known_accepted"] >= 0.95 and meta.train_config["unknown_data"] == str(cifar_dir)
+    parse = build_parser().parse_args
+    assert unknown_source(parse(["--data", str(cifar_dir), "--no-unknown-data"])) is None
+    assert unknown_source(parse(["--data", "cifar10"])) == "cifar10"
+    assert unknown_source(parse(["--data", str(tmp_path)])) is None  # an image folder: only --unknown-data
+    assert unknown_source(parse(["--data", str(tmp_path), "--unknown-data", "X"])) == "X"
 
 
 def test_bad_unknown_data_is_a_clear_error(image_folder, tmp_path):
