@@ -234,7 +234,8 @@ def test_status_script_and_predict_script(server, tmp_path):
     sample_image("automobile").save(path)
     predicted = run_cli(*args, "predict", str(path))
     assert predicted.returncode == 0, predicted.stderr
-    assert json.loads(predicted.stdout)["pred_class"] in CLASSES
+    answer = json.loads(predicted.stdout)
+    assert answer["pred_class"] in CLASSES and isinstance(answer["unknown"], bool) and "unknown_score" in answer
     missing = run_cli(*args, "predict", str(tmp_path / "nope.png"))
     assert missing.returncode == 1 and "image not found" in missing.stderr
 
