@@ -15,6 +15,9 @@ The methods are captum's (the library TorchServe's own vision handlers use), in 
 - **Perturbation** (``occlusion``, ``feature-ablation``): the image with one patch at a time set to the data
   set's mean colour (0 after normalisation), all copies in one batch through ``forward`` (the handler passes
   its serving engine); a pixel's value is how much the class's calibrated probability fell without it.
+- **Input gradient** (``input-x-gradient``, ``InputXGradient``): per pixel, the gradient of the class's logit
+  times the pixel's difference from the data set's mean colour, summed over colour channels: to first order,
+  what setting the pixel to the mean colour costs the class. One forward and one backward pass.
 - **Path** (``integrated-gradients``): the class's calibrated probability integrated along the straight path
   from the mean-colour image to the image; per pixel, summed over colour channels. The attributions add up to
   the probability the image gained over the mean-colour image, so a pixel's value says what removing it costs.
@@ -40,11 +43,12 @@ IG_STEPS = 16  # points on the integration path, one batch
 METHODS = (
     *(f"grad-cam-{stage}" for stage in STAGES),
     "gradient-x-activation",
+    "input-x-gradient",
     "occlusion",
     "feature-ablation",
     "integrated-gradients",
 )
-DEFAULT_METHOD = "gradient-x-activation"  # chosen by reports/faithfulness.md (docs/explanations.md)
+DEFAULT_METHOD = "input-x-gradient"  # chosen by reports/faithfulness.md (docs/explanations.md)
 
 
 class UnknownMethod(ValueError):
@@ -110,6 +114,7 @@ class Explainer:
         # captum is imported by the first explanation only: a worker that only predicts never loads it.
         from captum.attr import (
             FeatureAblation,
+            InputXGradient,
             IntegratedGradients,
             LayerAttribution,
             LayerGradCam,
@@ -131,6 +136,10 @@ class Explainer:
                 if kind is LayerGradientXActivation:
                     layer_maps = layer_maps.sum(1, keepdim=True)
                 return scaled(LayerAttribution.interpolate(layer_maps.detach(), size, "bilinear")[:, 0])
+            if self.method == "input-x-gradient":
+                return scaled(
+                    InputXGradient(self.model).attribute(batch.clone().requires_grad_(), target=targets).sum(1)
+                )
             if self.method == "integrated-gradients":
                 ig = IntegratedGradients(self.probs)
                 attributions = ig.attribute(batch, baselines=0.0, target=targets, n_steps=IG_STEPS,
@@ -162,7 +171,7 @@ class Explainer:
             about |= {"window": OCCLUSION_WINDOW, "stride": OCCLUSION_STRIDE}
         elif self.method == "feature-ablation":
             about |= {"window": ABLATION_BLOCK, "stride": ABLATION_BLOCK}
-        else:
+        elif self.method == "integrated-gradients":
             about |= {"steps": IG_STEPS}
         return about
 
