@@ -50,9 +50,9 @@ def test_heat_map_peaks_on_the_object(square_checkpoint):
     assert (predicted == labels).float().mean() >= 0.9  # the model learnt the squares
     hits = {m: square_hits(model, meta, m, samples) for m in (DEFAULT_METHOD, "grad-cam-layer2", "grad-cam-layer4")}
     # A peak falls on the square by chance for 64 of 1024 pixels (6%). Grad-CAM's 8 x 8 cells find the square
-    # itself; the default's 16 x 16 cells often peak at its edge, where the colour meets the noise (59% measured).
+    # itself; a pixel map's peak may fall at its edge, where the colour meets the noise: 4x chance is asked.
     assert hits["grad-cam-layer2"] >= 0.8 * len(samples), hits
-    assert hits[DEFAULT_METHOD] >= 0.4 * len(samples), hits
+    assert hits[DEFAULT_METHOD] >= 0.25 * len(samples), hits
     # The last stage of this variant has 2 x 2 cells: too coarse to point at an 8 x 8 object.
     assert hits["grad-cam-layer4"] < hits["grad-cam-layer2"], hits
 
