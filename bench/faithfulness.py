@@ -41,6 +41,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from cifar3.checkpoint import load_checkpoint
+from cifar3.classes import DEFAULT_CLASSES
 from cifar3.engine import load_engine
 from cifar3.explain import DEFAULT_METHOD, METHODS, build_explainer
 from cifar3.hardware import describe_machine
@@ -57,7 +58,7 @@ BATCH = 250  # images per explainer call
 EXAMPLES = 6  # images per figure
 COLUMNS = 3  # image-overlay pairs per row of a figure
 SQUARE = 8  # pixels per side of the object that decides a square image's class
-SQUARE_COLOURS = {"airplane": (230, 40, 40), "automobile": (40, 220, 40), "ship": (40, 40, 230)}
+SQUARE_COLOURS = dict(zip(DEFAULT_CLASSES, ((230, 40, 40), (40, 220, 40), (40, 40, 230)), strict=True))
 
 
 def machine() -> str:

@@ -51,7 +51,7 @@ def cifar_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, image_folder, unknown_folder) -> Path:
-    """A real checkpoint from the real training CLI, in seconds: 2 epochs on 180 synthetic images of the classes
+    """A real checkpoint from the real training CLI, in seconds: 4 epochs on 180 synthetic images of the classes
     and 120 unknown ones (grey and yellow: colours no class has), so it has the other-class output."""
     out = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     result = run_cli(
@@ -63,7 +63,7 @@ def tiny_checkpoint(tmp_path_factory, image_folder, unknown_folder) -> Path:
         "--out",
         str(out),
         "--epochs",
-        "2",
+        "4",
         "--batch-size",
         "32",
         "--lr",

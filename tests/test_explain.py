@@ -39,6 +39,7 @@ def square_checkpoint(tmp_path_factory) -> Path:
     return train_squares(tmp_path_factory.mktemp("squares"), PYTHON)
 
 
+@pytest.mark.slow
 def test_heat_map_peaks_on_the_object(square_checkpoint):
     model, meta = load_checkpoint(square_checkpoint)
     assert meta.variant == "resnet18_pool"
@@ -57,6 +58,7 @@ def test_heat_map_peaks_on_the_object(square_checkpoint):
     assert hits["grad-cam-layer4"] < hits["grad-cam-layer2"], hits
 
 
+@pytest.mark.slow
 def test_every_method_maps_each_image_on_its_own(square_checkpoint):
     """Each method answers one N x 32 x 32 map in [0, 1] per image, the same alone as in a batch."""
     model, meta = load_checkpoint(square_checkpoint)
@@ -298,6 +300,7 @@ def test_serve_py_explain_writes_the_overlay(server, tmp_path):
 
 
 @pytest.mark.server
+@pytest.mark.slow
 def test_explanations_work_when_onnx_runtime_serves_predictions(tiny_checkpoint, tmp_path):
     """The explainer is a PyTorch model of its own: predictions from ONNX Runtime, heat maps as with torch."""
     config = MODEL_CONFIG | {

@@ -529,6 +529,7 @@ def test_metrics_endpoint_answers_in_prometheus_format(v2_server):
 
 @needs_runtime
 @pytest.mark.server
+@pytest.mark.slow
 def test_kservev2_envelope_breaks_batches_of_two_or_more(layout, tmp_path):
     """Why the layout sets batchSize 1: with batching on, TorchServe's kservev2 envelope reads the first request
     of a batch and answers once, so TorchServe fails the whole batch (HTTP 503). If this ever passes with every

@@ -124,6 +124,7 @@ def test_a_port_with_no_server_gives_no_answer_samples_and_ends_on_time():
 
 
 @pytest.mark.server
+@pytest.mark.slow
 def test_benchmark_quick_run_writes_its_report(tiny_checkpoint, tmp_path):
     out = tmp_path / "reports"
     done = run_cli(PYTHON, str(ROOT / "bench" / "benchmark.py"), "--checkpoint", str(tiny_checkpoint), "--quick",

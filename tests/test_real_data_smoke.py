@@ -19,6 +19,7 @@ pytestmark = [
 ]
 
 
+@pytest.mark.slow
 def test_pipeline_on_real_images(tmp_path):
     checkpoint = tmp_path / "real.pt"
     trained = run_cli(PYTHON, "-m", "training.train", "--data", str(REAL_DATA), "--out", str(checkpoint),

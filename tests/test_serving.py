@@ -80,7 +80,7 @@ def test_served_probabilities_equal_in_process_evaluation(server, tiny_checkpoin
                      "--report-dir", str(tmp_path / "report"), "--predictions")  # fmt: skip
     assert result.returncode == 0, result.stderr
     rows = [line.split(",") for line in (tmp_path / "report" / "predictions.csv").read_text().splitlines()[1:]]
-    expected = {row[0]: [float(p) for p in row[3:]] for row in rows}
+    expected = {row[0]: [float(p) for p in row[3 : 3 + len(CLASSES)]] for row in rows}
     for path in files:
         served = post(server, path.read_bytes(), OCTET).json()["probs"]
         assert [served[c] for c in CLASSES] == pytest.approx(expected[str(path)], abs=1e-4)
