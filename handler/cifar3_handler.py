@@ -213,7 +213,7 @@ class Cifar3Handler(BaseHandler):
                 "pred_class": classes[int(row.argmax())],
                 "probs": {c: float(p) for c, p in zip(classes, row.tolist(), strict=True)},
                 "unknown": rule.is_unknown(score),
-                "unknown_score": round(score, 6),
+                "unknown_score": score,  # unrounded: the decision compares exactly this number
             }
             for row, score in zip(probs, scores.tolist(), strict=True)
         ]

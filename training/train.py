@@ -495,7 +495,7 @@ def unknown_decision(
     return {
         "method": method,
         **decision,
-        "threshold": round(threshold, 6),
+        "threshold": threshold,
         **rejection_figures(known_scores, unknown_scores, threshold),
         "unknown_data": unknown_source(args),
         "validation_images": {
