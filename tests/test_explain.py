@@ -9,7 +9,6 @@ map's peak must then fall on the square. The API tests talk HTTP to the session'
 from __future__ import annotations
 
 import base64
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import yaml
 from conftest import MODEL_CONFIG, PYTHON, ROOT, run_cli, start_server
 from PIL import Image
 from synthetic import class_images, encode, sample_image
-from test_handler import handle, make_context
+from test_handler import handle, make_context, model_dir  # noqa: F401  (the fixture, shared)
 
 from bench.faithfulness import square_hits, square_images, train_squares
 from cifar3.checkpoint import load_checkpoint
@@ -202,16 +201,7 @@ def test_bad_input_gets_the_same_400_as_predictions(server):
             }
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, model_store) -> Path:
-    """The session archive's files, as TorchServe unpacks them for a worker."""
-    folder = tmp_path_factory.mktemp("mar")
-    with zipfile.ZipFile(model_store / "cifar3.mar") as mar:
-        mar.extractall(folder)
-    return folder
-
-
-def test_a_failing_method_costs_only_its_requests(model_dir):
+def test_a_failing_method_costs_only_its_requests(model_dir):  # noqa: F811  (pytest fixture)
     """The handler in-process with TorchServe's own Context: one method's explainer breaks (a fault put into it
     here; nothing in the served methods fails on purpose); the requests for it get 500, the same batch's other
     explanations, predictions and bad requests get their own answers."""
@@ -243,7 +233,7 @@ def test_a_failing_method_costs_only_its_requests(model_dir):
     assert "explanation" not in bodies[4] and bodies[4]["pred_class"] == bodies[1]["pred_class"]
 
 
-def test_a_misspelt_method_in_model_config_stops_the_load(model_dir):
+def test_a_misspelt_method_in_model_config_stops_the_load(model_dir):  # noqa: F811  (pytest fixture)
     context = make_context(model_dir)
     context.model_yaml_config["handler"]["explanation"] = "gradcam"
     with pytest.raises(ValueError, match="unknown explanation method 'gradcam': choose one of grad-cam-layer1"):
