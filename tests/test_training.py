@@ -29,7 +29,16 @@ from cifar3.model import VARIANTS, PretrainedWeightsError, build_model, imagenet
 from cifar3.preprocessing import CIFAR10_MEAN, CIFAR10_STD, normalize
 from training.corruptions import CORRUPTIONS, UPSCALED_SIZE, write_corrupted_folders
 from training.data import DataError, limit_per_class, load_split, resolve_classes, stratified_split
-from training.train import BestSnapshot, Progress, Recipe, make_objective, one_cycle, train_epoch
+from training.train import (
+    PHOTO_DEFECTS,
+    BestSnapshot,
+    Progress,
+    Recipe,
+    make_objective,
+    one_cycle,
+    photo_defects,
+    train_epoch,
+)
 
 CLASSES = ["airplane", "automobile", "ship"]
 
@@ -704,3 +713,19 @@ def test_budget_trains_the_preset_emulated_within_each_scaled_budget(tmp_path, i
     assert (tmp_path / "budget-avx2-0.6min.pt").is_file()
     assert "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m training.train" in run["command"]
     assert "| 0.6 min |" in report.with_suffix(".md").read_text()
+
+
+def test_photo_defects_touch_about_their_share_and_each_defect_changes_an_image():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (400, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    assert torch.equal(photo_defects(images, 0.0, gen), images)
+    out = photo_defects(images, 0.5, gen)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    changed = (out != images).flatten(1).any(1).float().mean().item()
+    assert 0.4 < changed < 0.6, changed
+    # Every defect, on its own, changes a smooth image but keeps it an image of the same size.
+    smooth = torch.nn.functional.avg_pool2d(images[:8].float(), 5, stride=1, padding=2)
+    for name, defect in PHOTO_DEFECTS.items():
+        result = defect(smooth.clone(), gen)
+        assert result.shape == smooth.shape, name
+        assert (result - smooth).abs().mean() > 0.5, name

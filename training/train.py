@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from cifar3.checkpoint import ModelMeta, save_checkpoint
@@ -89,6 +90,9 @@ class Recipe:
     unknown_ratio: float = 0.25
     unknown_loss: str = OTHER_CLASS
     synthetic_unknowns: int = 6000  # synthetic unknown images added to the unknown data (training/unknowns.py)
+    # Share of the known images that get one photo defect (PHOTO_DEFECTS), at a random strength: what uploads
+    # suffer (blur, haze, exposure, sensor noise, JPEG, faded colour, too few pixels). 0 = off.
+    photo: float = 0.0
 
 
 # Hyperparameters of the recipes; docs/training.md says what each reached, where.
@@ -111,7 +115,7 @@ PRESETS = {
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 # Recipe fields a command-line option of the same name (--batch-size for batch_size) overrides.
 OVERRIDES = ("variant", "epochs", "batch_size", "lr", "low_res", "low_res_until", "warmup", "crop_padding",
-             "label_smoothing", "unknown_ratio", "unknown_loss", "synthetic_unknowns")  # fmt: skip
+             "label_smoothing", "unknown_ratio", "unknown_loss", "synthetic_unknowns", "photo")  # fmt: skip
 UNKNOWN_LOSSES = (OTHER_CLASS, "outlier-exposure")
 OUTLIER_EXPOSURE_WEIGHT = 0.5  # Hendrycks et al. 2019's weight of the uniform-target term
 
@@ -203,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-unknowns", type=int, metavar="N",
                    help="synthetic unknown images added to --unknown-data (noise, flat colours, shuffled tiles, "
                         "glyphs, enlarged crops; preset: 6000; 0 = none)")  # fmt: skip
+    p.add_argument("--photo", type=float, metavar="SHARE",
+                   help="share of the images given one photo defect at a random strength: blur, low contrast, "
+                        "exposure, noise, JPEG, faded colour, pixelation (0 = none)")  # fmt: skip
     p.add_argument("--limit", type=int, help="use at most N training images per class (quick runs)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="stratified validation split")
     p.add_argument("--seed", type=int, default=0)
@@ -218,8 +225,70 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _jpeg(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    quality = int(torch.randint(10, 61, (), generator=gen))  # one quality per group: F.jpeg takes one
+    return F.jpeg(x.round().clamp(0, 255).to(torch.uint8).cpu(), quality=quality).to(x)
+
+
+def _blur(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    sigma = float(torch.empty(()).uniform_(0.4, 1.4, generator=gen))
+    return F.gaussian_blur(x, kernel_size=[5, 5], sigma=[sigma, sigma])
+
+
+def _pixelate(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    side = int(torch.randint(12, 25, (), generator=gen))
+    small = nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
+    return nn.functional.interpolate(small, size=x.shape[-2:], mode="nearest")
+
+
+def _factor(x: torch.Tensor, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
+    """One factor per image, uniform in [low, high), shaped to broadcast over it."""
+    return torch.empty(len(x), 1, 1, 1, device=x.device).uniform_(low, high, generator=gen)
+
+
+def _contrast(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    grey = F.rgb_to_grayscale(x).mean(dim=(-2, -1), keepdim=True)
+    return grey + _factor(x, 0.25, 1.0, gen) * (x - grey)
+
+
+def _noise(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    sigma = _factor(x, 3.0, 30.0, gen)  # on the 0..255 scale
+    return x + sigma * torch.randn(x.shape, generator=gen, device=x.device)
+
+
+def _saturation(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    grey = F.rgb_to_grayscale(x)
+    return grey + _factor(x, 0.0, 1.0, gen) * (x - grey)
+
+
+# Photo defects for the recipe's ``photo`` share of images: float N x 3 x H x W on the 0..255 scale in and out.
+PHOTO_DEFECTS = {
+    "blur": _blur,
+    "contrast": _contrast,
+    "brightness": lambda x, gen: x * _factor(x, 0.5, 1.6, gen),
+    "noise": _noise,
+    "jpeg": _jpeg,
+    "saturation": _saturation,
+    "pixelate": _pixelate,
+}
+
+
+def photo_defects(images: torch.Tensor, share: float, gen: torch.Generator) -> torch.Tensor:
+    """uint8 batch with about ``share`` of its images given one defect each, every defect equally likely."""
+    dev = images.device
+    chosen = torch.rand(len(images), generator=gen, device=dev) < share
+    kind = torch.randint(0, len(PHOTO_DEFECTS), (len(images),), generator=gen, device=dev)
+    out = images.float()
+    for i, defect in enumerate(PHOTO_DEFECTS.values()):
+        idx = (chosen & (kind == i)).nonzero().flatten()
+        if len(idx):
+            out[idx] = defect(out[idx], gen)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
 def augment(images: torch.Tensor, recipe: Recipe, gen: torch.Generator) -> torch.Tensor:
-    """Batched on the data's device: random reflect-padded crop, horizontal flip, optional cutout."""
+    """Batched on the data's device: random reflect-padded crop, horizontal flip, optional cutout, then the
+    recipe's share of photo defects (unknown images get them too: a defect must not decide known or unknown)."""
     n, _, h, w = images.shape
     dev = images.device  # gen lives there too: no host-to-device copy, no sync per batch
     pad = recipe.crop_padding
@@ -240,6 +309,8 @@ def augment(images: torch.Tensor, recipe: Recipe, gen: torch.Generator) -> torch
         ys, xs = torch.arange(h, device=dev).view(1, h, 1), torch.arange(w, device=dev).view(1, 1, w)
         hole = ((ys - cy).abs() <= half) & ((xs - cx).abs() <= half)
         images = images * (~hole).unsqueeze(1)
+    if recipe.photo:
+        images = photo_defects(images, recipe.photo, gen)
     return images
 
 
