@@ -19,7 +19,7 @@ predicted class's calibrated probability from the serving engine (``auto``, as h
   and sends N sequential explanations per method and N predictions (c=1), 32 x 32 validation PNGs.
 
 Writes ``REPORT_DIR/faithfulness.md`` and ``.json``; ``--figures DIR`` writes overlays of correctly and
-wrongly classified validation images by the default method (gradcam-correct.png, gradcam-wrong.png).
+wrongly classified validation images by the default method (heatmap-correct.png, heatmap-wrong.png).
 """
 
 from __future__ import annotations
@@ -290,7 +290,7 @@ def figures(meta, images, labels, predicted, probs, maps, folder: Path) -> dict[
             f"{meta.classes[int(labels[i])]} -> {meta.classes[int(predicted[i])]} {float(probs[i].max()):.0%}"
             for i in idx
         ]
-        path = folder / f"gradcam-{name}.png"
+        path = folder / f"heatmap-{name}.png"
         figure(images[idx], maps[idx], captions, path)
         written[name] = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
     return written
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "cifar3.pt")
     parser.add_argument("--report-dir", type=Path, default=ROOT / "reports")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: every method)")
-    parser.add_argument("--figures", type=Path, help="write gradcam-correct.png and gradcam-wrong.png here")
+    parser.add_argument("--figures", type=Path, help="write heatmap-correct.png and heatmap-wrong.png here")
     parser.add_argument("--latency", type=int, default=0, metavar="N", help="N sequential requests per method")
     parser.add_argument("--squares", action="store_true", help="train the square model and measure peak hits")
     parser.add_argument("--limit", type=int, help="use the first N validation images only (quick runs)")
