@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import os
@@ -141,6 +142,27 @@ def envelope_image_bytes(item, envelope: str) -> bytes:
         raise ImageDecodeError("malformed base64 image data") from None
 
 
+class StageTimer:
+    """Milliseconds spent per stage of one batch (decode, forward, postprocess), reported as TorchServe timers:
+    with model_metrics_auto_detect they appear on the metrics API beside HandlerTime, so a slow batch shows
+    where its time went."""
+
+    def __init__(self):
+        self.ms: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - started) * 1000
+
+    def report(self, metrics) -> None:
+        for stage, ms in self.ms.items():
+            metrics.add_time(stage, round(ms, 3), None, "ms")
+
+
 def error_body(message: str, code: int = 400) -> str:
     return json.dumps({"error": message, "code": code})
 
@@ -227,9 +249,16 @@ class Cifar3Handler(BaseHandler):
             return [self.describe_handle()]
         if self.envelope in KSERVE_ENVELOPES:
             return self.handle_kserve(data, context, self.envelope)
-        batch, errors = self.preprocess(data)
+        stages = StageTimer()
+        with stages("DecodeTime"):
+            batch, errors = self.preprocess(data)
         decoded = [idx for idx in range(len(data)) if idx not in errors]
-        answers = dict(zip(decoded, self.postprocess(self.inference(batch)) if batch is not None else [], strict=True))
+        answers = {}
+        if batch is not None:
+            with stages("ForwardTime"):
+                outputs = self.inference(batch)
+            with stages("PostprocessTime"):
+                answers = dict(zip(decoded, self.postprocess(outputs), strict=True))
         failed = {}  # request index -> message, for explanations that failed on the server's side
         explain = [idx for idx in decoded if context.get_request_header(idx, "explain") == "True"]
         if explain:
@@ -252,6 +281,7 @@ class Cifar3Handler(BaseHandler):
         metrics.add_counter("ImagesClassified", len(data) - len(errors))
         metrics.add_counter("ImagesRejected", len(errors))
         metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2), None, "ms")
+        stages.report(metrics)
         return responses
 
     def handle_kserve(self, data, context, envelope):
@@ -274,8 +304,14 @@ class Cifar3Handler(BaseHandler):
         if errors:
             raise PredictionException("; ".join(errors), 400)
         metrics.add_counter("ImagesClassified", len(images))
-        batch = eval_transform(images, self.meta.image_size, self.meta.mean, self.meta.std)
-        answers = self.postprocess(self.inference(batch))
+        stages = StageTimer()
+        with stages("DecodeTime"):  # the images were decoded above; this stage is their resize and normalisation
+            batch = eval_transform(images, self.meta.image_size, self.meta.mean, self.meta.std)
+        with stages("ForwardTime"):
+            outputs = self.inference(batch)
+        with stages("PostprocessTime"):
+            answers = self.postprocess(outputs)
+        stages.report(metrics)
         if context.get_request_header(0, "explain") == "True":  # /v1/models/cifar3:explain, /v2/.../explain
             self.add_kserve_explanations(items, batch, answers, kind)
         context.set_response_content_type(0, JSON_CONTENT_TYPE)

@@ -122,6 +122,19 @@ def test_concurrent_requests_are_batched_and_bad_ones_fail_alone(server):
     assert batches < 36, f"no dynamic batching: {batches} batches for {images} images"
 
 
+def test_metrics_time_each_stage_of_a_batch(server):
+    assert post(server, encode(sample_image("ship")), OCTET).status_code == 200
+    stages = ("DecodeTime", "ForwardTime", "PostprocessTime")
+    for _ in range(20):  # the metrics API parses the worker's log: give it a moment to see the whole batch
+        times = {name: metric(server, name) for name in (*stages, "HandlerTime")}
+        # The stages are parts of the same batch's HandlerTime (which also covers writing the responses).
+        if sum(times[s] for s in stages) <= times["HandlerTime"] + 0.01:
+            break
+        time.sleep(0.1)
+    assert all(ms > 0 for ms in times.values()), times
+    assert sum(times[s] for s in stages) <= times["HandlerTime"] + 0.01, times
+
+
 @pytest.mark.parametrize(
     ("body", "headers", "message"),
     [
