@@ -20,6 +20,9 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 # Refuse images whose header declares more pixels than this, before decoding them.
 MAX_IMAGE_PIXELS = 40_000_000
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
+# Files read as images from folders (training data, unknown images, export calibration): the formats uploads
+# come in, all decoded by decode_image as served images are.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 
 class ImageDecodeError(ValueError):
@@ -53,6 +56,12 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image
         return to_rgb(ImageOps.exif_transpose(image))
     except Exception as exc:  # truncated or corrupt pixel data
         raise ImageDecodeError(f"corrupt or truncated {image.format} image: {exc}") from None
+
+
+def read_image_file(path) -> Image.Image:
+    """An image file decoded exactly as a served upload (decode_image: EXIF orientation, first frame, RGB)."""
+    with open(path, "rb") as file:
+        return decode_image(file.read())
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -26,7 +26,7 @@ from cifar3.inference import (
     prepare_for_inference,
 )
 from cifar3.model import VARIANTS, PretrainedWeightsError, build_model, imagenet_weights_path, load_imagenet_weights
-from cifar3.preprocessing import CIFAR10_MEAN, CIFAR10_STD, normalize
+from cifar3.preprocessing import CIFAR10_MEAN, CIFAR10_STD, decode_image, normalize, pil_to_uint8
 from training.corruptions import CORRUPTIONS, UPSCALED_SIZE, write_corrupted_folders
 from training.data import DataError, limit_per_class, load_split, resolve_classes, stratified_split
 from training.train import (
@@ -62,6 +62,24 @@ def test_image_folder_is_read_with_labels_by_folder(tmp_path):
     data = load_split(str(root), CLASSES, "test")
     assert len(data) == 15 and data.labels.bincount().tolist() == [5, 5, 5]
     assert data.paths[0].endswith("airplane/0000.jpg")
+
+
+def test_training_decodes_an_exif_rotated_photo_as_the_server_does(tmp_path):
+    # Upright: red top half, blue bottom half. Stored turned a quarter to the left, with the EXIF orientation
+    # (6: turn 90 degrees clockwise to display) that a phone writes.
+    upright = np.zeros((64, 64, 3), np.uint8)
+    upright[:32, :, 0], upright[32:, :, 2] = 255, 255
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for c in CLASSES:
+        (tmp_path / c).mkdir()
+        stored.save(tmp_path / c / "photo.jpg", quality=95, exif=exif)
+    data = load_split(str(tmp_path), CLASSES, "train")
+    served = pil_to_uint8(decode_image((tmp_path / "ship" / "photo.jpg").read_bytes()))
+    assert torch.equal(data.images[CLASSES.index("ship")], served)
+    top, bottom = served[:, :16].float().mean((1, 2)), served[:, 16:].float().mean((1, 2))
+    assert top[0] > 200 > top[2] + 150 and bottom[2] > 200 > bottom[0] + 150  # red above blue: turned upright
 
 
 def test_more_classes_can_be_configured(cifar_dir):

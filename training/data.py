@@ -17,16 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from sklearn.model_selection import train_test_split
 from torchvision.datasets import CIFAR10
 from tqdm import tqdm
 
 from cifar3.classes import CIFAR10_CLASSES, DEFAULT_CLASSES, parse_classes
-from cifar3.preprocessing import IMAGE_SIZE, pil_to_uint8, to_rgb
+from cifar3.preprocessing import IMAGE_SIZE, IMAGE_SUFFIXES, pil_to_uint8, read_image_file
 
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parent.parent / "data"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 CIFAR_DIR = "cifar-10-batches-py"
 
 
@@ -166,17 +164,16 @@ def _load_image_folder(root: Path, classes: list[str]) -> Dataset:
         if path.suffix.lower() in IMAGE_SUFFIXES
     ]
     if not files:
-        raise DataError(f"no images (.jpg, .jpeg, .png) in the class folders of {root}")
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of {root}")
     empty = [c for i, c in enumerate(classes) if not any(label == i for _, label in files)]
     if empty:
         raise DataError(f"no images for class {', '.join(empty)} in {root}")
     images, labels, bad = [], [], []
     for path, label in tqdm(files, desc=f"reading {root.name}", unit="img", disable=None, leave=False):
         try:
-            with Image.open(path) as image:
-                images.append(pil_to_uint8(to_rgb(image)))
+            images.append(pil_to_uint8(read_image_file(path)))  # decoded as the handler decodes uploads
             labels.append(label)
-        except Exception:
+        except (OSError, ValueError):  # ImageDecodeError is a ValueError
             bad.append(path)
     if bad:
         shown = ", ".join(str(p.relative_to(root)) for p in bad[:5])

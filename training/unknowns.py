@@ -27,9 +27,8 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from cifar3.classes import CIFAR10_CLASSES
-from cifar3.preprocessing import IMAGE_SIZE, pil_to_uint8, to_rgb
+from cifar3.preprocessing import IMAGE_SIZE, IMAGE_SUFFIXES, pil_to_uint8, read_image_file
 from training.data import (
-    IMAGE_SUFFIXES,
     DataError,
     Dataset,
     is_cifar_source,
@@ -55,15 +54,14 @@ def load_unknowns(source: str, data_root: Path, split: str = "train", classes: l
                         "the classes (any sub-folders)")  # fmt: skip
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise DataError(f"--unknown-data: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+        raise DataError(f"--unknown-data: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
     sources = sorted({_source(root, path) for path in files})
     images, labels, bad = [], [], []
     for path in tqdm(files, desc=f"reading {root.name}", unit="img", disable=None, leave=False):
         try:
-            with Image.open(path) as image:
-                images.append(pil_to_uint8(to_rgb(image)))
+            images.append(pil_to_uint8(read_image_file(path)))  # decoded as the handler decodes uploads
             labels.append(sources.index(_source(root, path)))
-        except Exception:
+        except (OSError, ValueError):  # ImageDecodeError is a ValueError
             bad.append(path)
     if bad:
         raise DataError(f"--unknown-data: {len(bad)} unreadable image(s) under {root}, e.g. {bad[0]}. Remove them.")
@@ -206,8 +204,7 @@ def check_image(kind: str, rng: np.random.Generator, crops_from: list[Path] | No
         pixels = np.where(mask[..., None], np.array(colour()), np.array(colour())).astype(np.uint8)
         return Image.fromarray(pixels)
     if kind == "crops":
-        with Image.open(crops_from[int(rng.integers(0, len(crops_from)))]) as opened:
-            picture = to_rgb(opened).resize((32, 32))
+        picture = read_image_file(crops_from[int(rng.integers(0, len(crops_from)))]).resize((32, 32))
         x, y = (int(v) for v in rng.integers(0, 32 - 8, 2))
         return picture.crop((x, y, x + 8, y + 8)).resize((32, 32), Image.Resampling.BICUBIC)
     raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(CHECK_KINDS)}")
