@@ -46,8 +46,8 @@ from cifar3.engine import load_engine
 from cifar3.explain import DEFAULT_METHOD, METHODS, build_explainer
 from cifar3.hardware import describe_machine
 from cifar3.preprocessing import eval_transform, normalize
+from cifar3_client.client import overlay_heatmap
 from training.evaluate import validation_split
-from ui.client import overlay_heatmap
 
 ROOT = Path(__file__).resolve().parent.parent
 FRACTION = 0.2  # share of the pixels removed in the deletion test
