@@ -38,12 +38,13 @@ WORKDIR /opt/cifar3
 
 # CPU-only torch first (pyproject.toml pins these versions; the default index has CUDA builds of them),
 # then the project with its `serve` dependencies, pinned as the tests run them: torch is already satisfied.
-# Only the serving core, the HTTP client and the scripts are copied: no training, UI or bench dependencies.
+# Only the serving core, the client package (HTTP client and server lifecycle: the HEALTHCHECK's serve.py) and the
+# scripts are copied: no training, UI or bench code or dependencies.
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu \
         torch==2.14.1 torchvision==0.29.1
 COPY pyproject.toml README.md ./
 COPY cifar3/ cifar3/
-COPY ui/client.py ui/__init__.py ui/
+COPY cifar3_client/ cifar3_client/
 COPY scripts/ scripts/
 # The local project, not a registry package: its dependencies are pinned exactly in pyproject.toml.
 # hadolint ignore=DL3013

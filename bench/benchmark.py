@@ -48,7 +48,7 @@ import yaml
 
 from bench.loadgen import run_load
 from cifar3.hardware import AVX2_ENV, cpu_flags, cpu_name, describe_cpu
-from scripts.serve import Server, free_ports, start_server
+from cifar3_client.server import Server, free_ports, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 # (engine, dtype) pairs measured in-process: what cifar3/engine.py can run on a CPU.

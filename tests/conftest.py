@@ -11,7 +11,7 @@ import pytest
 import yaml
 from synthetic import write_cifar_batches, write_image_folder, write_unknown_folder
 
-from scripts.serve import Server, free_ports, start_server, write_server_config  # noqa: F401  (re-exported for tests)
+from cifar3_client.server import Server, free_ports, start_server, write_server_config  # noqa: F401  (re-exported for tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -30,7 +30,7 @@ from conftest import ROOT, free_ports
 from PIL import Image
 from synthetic import class_images
 
-from scripts.serve import read_properties
+from cifar3_client.server import read_properties
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"

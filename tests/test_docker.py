@@ -27,7 +27,7 @@ import pytest
 import yaml
 from conftest import free_ports
 
-from scripts.serve import read_properties
+from cifar3_client.server import read_properties
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -446,8 +446,9 @@ def test_serving_image_installs_the_serve_dependencies_with_cpu_torch(serving):
     wanted = pins("serve")
     for package in ("torch", "torchvision"):
         assert re.search(rf"(^|\s){package}=={re.escape(wanted[package])}(\s|$)", torch_run), package
-    # Serving needs no training, UI or benchmark dependencies.
+    # Serving needs no training, UI or benchmark code or dependencies.
     assert not {"streamlit", "scikit-learn", "matplotlib", "litserve"} & wanted.keys()
+    assert not [src for src, _ in serving.copies if PurePosixPath(src).parts[0] in ("training", "ui", "bench")]
     for package in ("torchserve", "torch-model-archiver", "pyyaml", "onnxruntime", "captum"):
         assert package in wanted, package
 
@@ -526,7 +527,9 @@ def test_ui_image_installs_the_ui_dependencies_only(ui):
     assert {"streamlit", "requests"} <= ui_pins.keys() and not {"torch", "torchvision"} & ui_pins.keys()
     for name, version in ui_pins.items():
         assert version == importlib.metadata.version(name), name
-    assert not [src for src, _ in ui.copies if src.startswith(("cifar3", "training", "handler"))]
+    # The client package, and none of the serving core, training or handler (or their dependencies).
+    assert not [src for src, _ in ui.copies if PurePosixPath(src).parts[0] in ("cifar3", "training", "handler")]
+    assert "cifar3_client/client.py" in [src for src, _ in ui.copies]
 
 
 def imported_modules(source: str) -> set[str]:

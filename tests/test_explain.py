@@ -26,8 +26,8 @@ from cifar3.checkpoint import load_checkpoint
 from cifar3.explain import DEFAULT_METHOD, METHODS, build_explainer, stage_grids
 from cifar3.model import build_model
 from cifar3.preprocessing import eval_transform
+from cifar3_client.client import overlay_heatmap, parse_explanation
 from handler.cifar3_handler import Cifar3Handler
-from ui.client import overlay_heatmap, parse_explanation
 
 CLASSES = ["airplane", "automobile", "ship"]
 

@@ -36,8 +36,8 @@ from synthetic import class_images
 from tritonclient.utils import InferenceServerException
 
 from cifar3.preprocessing import ImageDecodeError
+from cifar3_client.server import Server, read_properties
 from handler.cifar3_handler import envelope_image_bytes
-from scripts.serve import Server, read_properties
 
 K8S_REFERENCE = ROOT.parent / "shared" / "k8s"
 RUNTIME = K8S_REFERENCE / "kserve-torchserve-runtime.yaml"
@@ -181,7 +181,7 @@ class RuntimeServer:
         self.tmp = Path(tempfile.mkdtemp(prefix="ts-kserve-"))
         self.run_dir = folder / "run"
         self.run_dir.mkdir()
-        # scripts/serve.py's Server knows how to stop a TorchServe whose pid file is in run_dir/tmp.
+        # cifar3_client.server's Server knows how to stop a TorchServe whose pid file is in run_dir/tmp.
         (self.run_dir / "tmp").symlink_to(self.tmp)
         self.stopper = Server(config, self.run_dir)
 

@@ -22,7 +22,7 @@ import requests
 from conftest import start_server, write_server_config
 
 from bench.reliability import common, faults, scaling, security, soak
-from scripts.serve import Server, ServerError, read_properties
+from cifar3_client.server import Server, ServerError, read_properties
 
 FULL = os.environ.get("CIFAR3_RELIABILITY_FULL") == "1"
 full_only = pytest.mark.skipif(not FULL, reason="full reliability run: set CIFAR3_RELIABILITY_FULL=1")

@@ -1,7 +1,8 @@
 """HTTPS end to end: ``scripts/serve.py tls-cert`` writes a certificate and key, TorchServe serves every API over
 TLS with them (https:// addresses, certificate_file, private_key_file), serve.py and the UI's client verify the
 server against CIFAR3_CA_BUNDLE, and a stranger's certificate and plain HTTP are refused. One real TorchServe for
-the module, started and stopped by serve.py's own command line. Also: the Docker TLS variant's configuration.
+the module, started and stopped by serve.py's own command line (cifar3_client/cli.py). Also: the Docker TLS
+variant's configuration.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from cryptography import x509
 from PIL import Image
 from synthetic import class_images
 
-from scripts.serve import read_properties, write_tls_certificate
-from ui.client import Cifar3Client, ClientError, Config
+from cifar3_client.client import Cifar3Client, ClientError, Config
+from cifar3_client.server import read_properties, write_tls_certificate
 
 SERVE = ROOT / "scripts" / "serve.py"
 CLASSES = ["airplane", "automobile", "ship"]

@@ -1,4 +1,5 @@
-"""ui/client.py: configuration, answers, tokens and concurrency, on a local fake server and the real TorchServe."""
+"""cifar3_client/client.py: configuration, answers, tokens and concurrency, on a local fake server and the real
+TorchServe."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from conftest import ROOT
 from loopback import LoopbackServer
 from synthetic import encode, sample_image
 
-from ui.client import (
+from cifar3_client.client import (
     DEFAULT_INFERENCE_URL,
     DEFAULT_MANAGEMENT_URL,
     DEFAULT_TIMEOUT,
@@ -499,11 +500,12 @@ def test_real_server_key_rotation_is_followed(server):
 
 
 def test_the_ui_never_imports_torch():
-    """The page only speaks HTTP: no module under ui/ imports torch (or TorchServe's ts), even indirectly."""
-    for path in (ROOT / "ui").glob("*.py"):
+    """The page only speaks HTTP: no module under ui/ or cifar3_client/ imports torch (or TorchServe's ts), even
+    indirectly."""
+    for path in [*(ROOT / "ui").glob("*.py"), *(ROOT / "cifar3_client").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not [n for n in names if n.split(".")[0] in ("torch", "torchvision", "ts")], (path, names)
-    code = "import sys, ui.client, streamlit, altair, pandas, PIL; sys.exit('torch' in sys.modules)"
+    code = "import sys, cifar3_client.client, streamlit, altair, pandas, PIL; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, timeout=120).returncode == 0

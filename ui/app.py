@@ -10,11 +10,11 @@ probability of every class and the round-trip latency. The sidebar shows the ser
 "Show what the model looked at" asks the explanations API instead and lays each image's heat map over it
 (red: strongest evidence for the class; the class to explain and the method are selectable).
 
-The page only speaks HTTP to TorchServe (see ui/client.py; no torch here). Configuration comes
+The page only speaks HTTP to TorchServe (see cifar3_client/client.py; no torch here). Configuration comes
 from CIFAR3_INFERENCE_URL, CIFAR3_MANAGEMENT_URL, CIFAR3_TOKEN_FILE, CIFAR3_TOKEN and
 CIFAR3_TIMEOUT, and from nothing a visitor types. With CIFAR3_UI_ALLOW_OVERRIDES=1 (for a page only its
 owner can reach) the sidebar's "Connection settings" let a visitor point the page at another server for
-their browser session; the configured keys are never sent there (see ui/client.py).
+their browser session; the configured keys are never sent there (see cifar3_client/client.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pandas as pd
 import streamlit as st
 from PIL import Image, UnidentifiedImageError
 
-from ui.client import (
+from cifar3_client.client import (
     IMAGE_TYPES,
     Cifar3Client,
     ClientError,

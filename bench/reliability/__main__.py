@@ -55,7 +55,7 @@ from bench.reliability.scaling import check_pod_drain, check_scaling
 from bench.reliability.security import security_checks
 from bench.reliability.soak import check_soak
 from cifar3.hardware import describe_cpu
-from scripts.serve import ServerError, start_server
+from cifar3_client.server import ServerError, start_server
 
 
 def resolve_store(args, work: Path) -> tuple[Path, str]:

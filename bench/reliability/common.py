@@ -15,7 +15,7 @@ import psutil
 import requests
 from PIL import Image
 
-from scripts.serve import Server, ServerError
+from cifar3_client.server import Server, ServerError
 
 ROOT = Path(__file__).resolve().parents[2]
 

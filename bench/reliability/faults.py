@@ -31,8 +31,8 @@ from bench.reliability.common import (
     workers,
 )
 from bench.reliability.load import Call, Load, fmt_errors, summarize
-from scripts.serve import Server, ServerError, write_server_config
-from ui.client import DEFAULT_TIMEOUT, RetryPolicy
+from cifar3_client.client import DEFAULT_TIMEOUT, RetryPolicy
+from cifar3_client.server import Server, ServerError, write_server_config
 
 # Seconds after a SIGKILL within which TorchServe may still route a request to the dead worker.
 DEATH_NOTICED_S = 1.0

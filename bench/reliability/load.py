@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from bench.loadgen import percentile, run_load
 from bench.reliability.common import OCTET, REQUEST_TIMEOUT
-from scripts.serve import Server
-from ui.client import NO_RETRY, Cifar3Client, ClientError, RetryPolicy, error_text, new_session
+from cifar3_client.client import NO_RETRY, Cifar3Client, ClientError, RetryPolicy, error_text, new_session
+from cifar3_client.server import Server
 
 
 @dataclass

@@ -15,8 +15,8 @@ import time
 
 from bench.reliability.common import Result, result, wait_for, workers
 from bench.reliability.load import Call, Load
-from scripts.serve import Server
-from ui.client import DEFAULT_TIMEOUT, NO_RETRY, RetryPolicy
+from cifar3_client.client import DEFAULT_TIMEOUT, NO_RETRY, RetryPolicy
+from cifar3_client.server import Server
 
 RAW_TIMEOUT = 10.0  # seconds a raw client waits: longer than any answer of a working server, shorter than a run
 SLOWEST_LIMIT_S = 5.0  # the target for the retrying client's slowest answer

@@ -11,7 +11,7 @@ import psutil
 import requests
 
 from bench.reliability.common import MODEL, OCTET, Result, describe_model, process_tree, result
-from scripts.serve import Server, read_properties
+from cifar3_client.server import Server, read_properties
 
 
 def is_loopback(address: str) -> bool:
@@ -108,7 +108,7 @@ def check_key_file(server: Server) -> list[Result]:
 
 def management(server: Server, method: str, path: str, timeout: float = 30.0, **kwargs) -> requests.Response:
     """A raw management API call with the management key: probes of what the API must refuse, which the
-    project's client (ui/client.py) deliberately cannot send."""
+    project's client (cifar3_client/client.py) deliberately cannot send."""
     return requests.request(
         method, f"{server.management_url}{path}", headers=server.headers("management"), timeout=timeout, **kwargs
     )

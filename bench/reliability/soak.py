@@ -7,7 +7,7 @@ import subprocess
 from bench import cpuprobe
 from bench.reliability.common import Result, result, worker_rss
 from bench.reliability.load import fmt_errors, measure_saturation, soak_load
-from scripts.serve import Server
+from cifar3_client.server import Server
 
 
 def check_soak(

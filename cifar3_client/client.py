@@ -1,15 +1,15 @@
 """HTTP client for the cifar3 TorchServe: configuration, tokens, server state and predictions.
 
-Plain ``requests``, no streamlit and no torch: ui/app.py is a thin page over these functions, and
-tests exercise them directly. Every failure becomes a :class:`ClientError` whose message says what
-happened and what to do, so the page can show it as it is.
+Plain ``requests``, no streamlit and no torch: ui/app.py is a thin page over these functions, the server
+lifecycle (cifar3_client/server.py), the bench tooling and the tests use them too. Every failure becomes a
+:class:`ClientError` whose message says what happened and what to do, so the page can show it as it is.
 
 Configuration comes from the environment of the process only:
 
 - ``CIFAR3_INFERENCE_URL``  inference API, default http://127.0.0.1:8080
 - ``CIFAR3_MANAGEMENT_URL`` management API, default http://127.0.0.1:8081
-- ``CIFAR3_TOKEN_FILE``     TorchServe's key_file.json, default run/key_file.json at the repository
-  root (where ``scripts/serve.py start`` makes the server write it)
+- ``CIFAR3_TOKEN_FILE``     TorchServe's key_file.json, default run/key_file.json in the current directory (the
+  repository root, where the page is started and where ``scripts/serve.py start`` makes the server write it)
 - ``CIFAR3_TOKEN``          an inference key to send instead of the key file's. The management API
   (the sidebar's server state) still uses the key file's management key when the file is readable.
 - ``CIFAR3_TIMEOUT``        seconds one prediction or explanation may take, retries included, default 30
@@ -49,11 +49,11 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = "cifar3"
 DEFAULT_INFERENCE_URL = "http://127.0.0.1:8080"
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
-DEFAULT_TOKEN_FILE = ROOT / "run" / "key_file.json"
+# Relative, so the current directory's: this module may be installed anywhere, so it cannot know the repository.
+DEFAULT_TOKEN_FILE = Path("run") / "key_file.json"
 DEFAULT_TIMEOUT = 30.0
 STATUS_TIMEOUT = 5.0  # the sidebar's checks must not hold the page up for long
 MAX_PARALLEL = 8  # images in flight at once; TorchServe batches them on its side
@@ -171,7 +171,7 @@ class Config:
             self,
             inference_url=inference_url,
             management_url=management_url,
-            token_file=str(Path(self.token_file.strip() or DEFAULT_TOKEN_FILE).expanduser()),
+            token_file=str(Path(self.token_file.strip() or DEFAULT_TOKEN_FILE).expanduser().absolute()),
             token=self.token.strip(),
             typed_token=self.typed_token.strip(),
             key_origins=self.key_origins or tuple(sorted({origin(inference_url), origin(management_url)})),
