@@ -42,7 +42,7 @@ WORKDIR /opt/cifar3
 # scripts are copied: no training, UI or bench code or dependencies.
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu \
         torch==2.14.1 torchvision==0.29.1
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY cifar3/ cifar3/
 COPY cifar3_client/ cifar3_client/
 COPY scripts/ scripts/

@@ -1,8 +1,8 @@
 """Throughput and latency of cifar3 per inference engine, in-process and served, beside two peer servers.
 
-    .venv/bin/python bench/benchmark.py --checkpoint checkpoints/cifar3.pt            # reports/benchmark.md
-    .venv/bin/python bench/benchmark.py --checkpoint checkpoints/cifar3.pt --avx2     # reports/benchmark-avx2.md
-    .venv/bin/python bench/benchmark.py --checkpoint CKPT --quick --out-dir /tmp/r   # a smoke run in seconds
+    .venv/bin/python -m bench.benchmark --checkpoint checkpoints/cifar3.pt            # reports/benchmark.md
+    .venv/bin/python -m bench.benchmark --checkpoint checkpoints/cifar3.pt --avx2     # reports/benchmark-avx2.md
+    .venv/bin/python -m bench.benchmark --checkpoint CKPT --quick --out-dir /tmp/r   # a smoke run in seconds
 
 One run, one machine, one checkpoint; the phases never overlap, so they do not compete for the cores.
 
@@ -610,7 +610,7 @@ def peer_label(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench/benchmark.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "cifar3.pt")
     parser.add_argument("--images", type=Path, help="image folder to sample requests from (JPEGs in its class "
                         "sub-folders; default: synthetic PNGs) and to verify the ONNX export on")  # fmt: skip
@@ -713,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "avx2": args.avx2,
-        "command": " ".join(["bench/benchmark.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python -m bench.benchmark", *(argv if argv is not None else sys.argv[1:])]),
         "checkpoint": str(args.checkpoint),
         "variant": load_checkpoint(args.checkpoint)[1].variant,
         "in_process": inproc,

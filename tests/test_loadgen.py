@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import MODEL_CONFIG, PYTHON, ROOT, free_ports, run_cli
+from conftest import MODEL_CONFIG, PYTHON, free_ports, run_cli
 from PIL import Image
 
 from bench.benchmark import ENGINE_VARIANTS
@@ -127,7 +127,7 @@ def test_a_port_with_no_server_gives_no_answer_samples_and_ends_on_time():
 @pytest.mark.slow
 def test_benchmark_quick_run_writes_its_report(tiny_checkpoint, tmp_path):
     out = tmp_path / "reports"
-    done = run_cli(PYTHON, str(ROOT / "bench" / "benchmark.py"), "--checkpoint", str(tiny_checkpoint), "--quick",
+    done = run_cli(PYTHON, "-m", "bench.benchmark", "--checkpoint", str(tiny_checkpoint), "--quick",
                    "--images", str(tmp_path / "no-images"), "--out-dir", str(out), timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((out / "benchmark.json").read_text())

@@ -29,8 +29,10 @@ from pathlib import Path
 from cifar3.hardware import AVX2_ENV
 
 START_UP_S = 30.0
+# training.* from the repository root, cifar3_training.* installed (pyproject.toml).
 PROBE = (
-    "import json, sys, torch; from training.throughput import images_per_cpu_second as r; torch.set_num_threads(1); "
+    f"import json, sys, torch; from {__package__}.throughput import images_per_cpu_second as r; "
+    "torch.set_num_threads(1); "
     "print(json.dumps({'rate': r('resnet18_fast', torch.channels_last, 32, False, 128, float(sys.argv[1])), "
     "'capability': torch.backends.cpu.get_cpu_capability()}))"
 )
@@ -49,7 +51,7 @@ def probe(seconds: float) -> dict:
 
 def run(minutes: float, cpu_budget_s: float, args: argparse.Namespace) -> dict:
     out = args.checkpoints / f"{args.name}-{minutes:g}min.pt"
-    command = [sys.executable, "-m", "training.train", "--data", args.data, "--out", str(out), "--threads", "1",
+    command = [sys.executable, "-m", f"{__package__}.train", "--data", args.data, "--out", str(out), "--threads", "1",
                "--budget-clock", "cpu", "--time-budget", f"{cpu_budget_s:.1f}", "--seed", str(args.seed),
                *shlex.split(args.train_args)]  # fmt: skip
     load_before = os.getloadavg()[0]

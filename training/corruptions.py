@@ -30,8 +30,9 @@ from torchvision.transforms.v2 import functional as F
 
 from cifar3.checkpoint import CheckpointError, load_checkpoint
 from cifar3.engine import load_engine
-from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, load_split, resolve_classes, stratified_split
-from training.evaluate import evaluate, validation_split
+
+from .data import DEFAULT_DATA_ROOT, DataError, Dataset, load_split, resolve_classes, stratified_split
+from .evaluate import evaluate, validation_split
 
 UPSCALED_SIZE = 256  # pixels: a phone photo's worth of pixels for a 32x32 object, downscaled again on input
 

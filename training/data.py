@@ -24,7 +24,9 @@ from tqdm import tqdm
 from cifar3.classes import CIFAR10_CLASSES, DEFAULT_CLASSES, parse_classes
 from cifar3.preprocessing import IMAGE_SIZE, IMAGE_SUFFIXES, pil_to_uint8, read_image_file
 
-DEFAULT_DATA_ROOT = Path(__file__).resolve().parent.parent / "data"
+# The cifar10 download cache: the current directory's data/ (the repository root's, where the commands run). Not the
+# module's location: installed (cifar3_training), that is site-packages.
+DEFAULT_DATA_ROOT = Path("data")
 CIFAR_DIR = "cifar-10-batches-py"
 
 

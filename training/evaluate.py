@@ -29,8 +29,9 @@ from cifar3.engine import ENGINES, Engine, load_engine, predict_scores
 from cifar3.hardware import describe_machine
 from cifar3.inference import DTYPES
 from cifar3.unknown import decision
-from training.data import DEFAULT_DATA_ROOT, DataError, Dataset, limit_per_class, load_split, stratified_split
-from training.unknowns import load_unknowns, rejection_figures, unknown_split
+
+from .data import DEFAULT_DATA_ROOT, DataError, Dataset, limit_per_class, load_split, stratified_split
+from .unknowns import load_unknowns, rejection_figures, unknown_split
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:

@@ -16,8 +16,9 @@ from pathlib import Path
 from PIL import Image
 
 from cifar3.checkpoint import CheckpointError, load_checkpoint
-from training.data import DEFAULT_DATA_ROOT, DataError
-from training.evaluate import validation_split
+
+from .data import DEFAULT_DATA_ROOT, DataError
+from .evaluate import validation_split
 
 
 def main(argv: list[str] | None = None) -> int:

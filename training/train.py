@@ -57,7 +57,8 @@ from cifar3.model import (
 )
 from cifar3.preprocessing import CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE, normalize
 from cifar3.unknown import ENERGY, OTHER_CLASS, class_logits, fit_threshold, split_scores
-from training.data import (
+
+from .data import (
     DEFAULT_DATA_ROOT,
     DataError,
     Dataset,
@@ -67,7 +68,7 @@ from training.data import (
     resolve_classes,
     stratified_split,
 )
-from training.unknowns import rejection_figures, synthetic_unknowns, unknown_split
+from .unknowns import rejection_figures, synthetic_unknowns, unknown_split
 
 
 @dataclass

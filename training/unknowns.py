@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from cifar3.classes import CIFAR10_CLASSES
 from cifar3.preprocessing import IMAGE_SIZE, IMAGE_SUFFIXES, pil_to_uint8, read_image_file
-from training.data import (
+
+from .data import (
     DataError,
     Dataset,
     is_cifar_source,
