@@ -502,7 +502,7 @@ def test_pretrained_offline_is_one_clear_error_naming_the_file(tmp_path, monkeyp
 def test_corrupted_folders_change_the_pixels_and_keep_the_labels(tmp_path, image_folder):
     data = limit_per_class(load_split(str(image_folder), CLASSES, "train"), 2, seed=0)
     names = write_corrupted_folders(data, CLASSES, tmp_path / "c", seed=0)
-    assert names == ["clean", *CORRUPTIONS] and len(CORRUPTIONS) == 9
+    assert names == ["clean", *CORRUPTIONS] and len(CORRUPTIONS) == 11
     clean = load_split(str(tmp_path / "c" / "clean"), CLASSES, "test")
     assert torch.equal(clean.images, data.images) and torch.equal(clean.labels, data.labels)  # lossless
     for name in CORRUPTIONS:

@@ -33,6 +33,7 @@ from cifar3.engine import load_engine
 
 from .data import DEFAULT_DATA_ROOT, DataError, Dataset, load_split, resolve_classes, stratified_split
 from .evaluate import evaluate, validation_split
+from .export import export_checkpoint
 
 UPSCALED_SIZE = 256  # pixels: a phone photo's worth of pixels for a 32x32 object, downscaled again on input
 
@@ -92,6 +93,20 @@ def jpeg(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return F.jpeg(image, quality=20)
 
 
+def motion_blur(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A camera moved sideways: each pixel averaged with its 2 neighbours on either side along the row."""
+    x = _float(image).unsqueeze(1)  # 3 x 1 x H x W: one channel at a time
+    kernel = torch.full((1, 1, 1, 5), 1 / 5)
+    return _uint8(torch.nn.functional.conv2d(torch.nn.functional.pad(x, (2, 2, 0, 0), mode="replicate"), kernel)[:, 0])
+
+
+def fog(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Fog: a smooth, uneven white veil (a 4 x 4 random field, enlarged) laid over the image at up to 60%."""
+    veil = torch.nn.functional.interpolate(torch.rand(1, 1, 4, 4, generator=gen), size=image.shape[-2:],
+                                           mode="bicubic", align_corners=False)[0].clamp(0, 1) * 0.6  # fmt: skip
+    return _uint8(_float(image) * (1 - veil) + veil)
+
+
 # name -> corruption of one uint8 3 x H x W image
 CORRUPTIONS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
     "gaussian_noise": gaussian_noise,
@@ -103,6 +118,9 @@ CORRUPTIONS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] 
     "grayscale": grayscale,
     "pixelate": pixelate,
     "upscaled": upscaled,
+    # Not among the photo defects training can add (training/train.py PHOTO_DEFECTS): how robustness carries over.
+    "motion_blur": motion_blur,
+    "fog": fog,
 }
 
 
@@ -123,7 +141,7 @@ def evaluate_folders(checkpoint: Path, out: Path, names: list[str]) -> dict:
     """Accuracy of ``checkpoint`` on each folder, as ``training.evaluate --data out/<name>`` computes it (the
     engine the handler would pick here), the share of each folder its stored threshold calls unknown
     (``rejected``; absent for a checkpoint without a threshold), and which engine that was."""
-    engine, meta = load_engine(checkpoint)
+    engine, meta = load_engine(checkpoint, exporter=export_checkpoint)
     accuracy, rejected = {}, {}
     for name in names:
         data = load_split(str(out / name), meta.classes, "test")
@@ -134,10 +152,12 @@ def evaluate_folders(checkpoint: Path, out: Path, names: list[str]) -> dict:
     return accuracy | {"rejected": rejected, "engine": engine.describe()}
 
 
-def summarise(accuracy: dict[str, float]) -> dict[str, float]:
-    """Mean accuracy over the corruptions and its ratio to clean accuracy."""
+def summarise(accuracy: dict[str, float]) -> dict:
+    """Mean accuracy over the corruptions, its ratio to clean accuracy, and the worst corruption."""
     mean = sum(accuracy[name] for name in CORRUPTIONS) / len(CORRUPTIONS)
-    return {"mean_corrupted": round(mean, 5), "ratio_to_clean": round(mean / accuracy["clean"], 4)}
+    worst = min(CORRUPTIONS, key=lambda name: accuracy[name])
+    return {"mean_corrupted": round(mean, 5), "ratio_to_clean": round(mean / accuracy["clean"], 4),
+            "worst": worst, "worst_accuracy": accuracy[worst]}  # fmt: skip
 
 
 def render_report(results: dict[str, dict], source: str, n: int, machine: str) -> str:
@@ -158,6 +178,8 @@ def render_report(results: dict[str, dict], source: str, n: int, machine: str) -
     lines.append("| **mean over corruptions** | " + " | ".join(
         f"**{results[label]['mean_corrupted']:.2%}**" for label in labels) + " |")  # fmt: skip
     lines.append("| mean / clean | " + " | ".join(f"{results[label]['ratio_to_clean']:.3f}" for label in labels) + " |")
+    lines.append("| worst | " + " | ".join(f"{results[label]['worst']} {results[label]['worst_accuracy']:.2%}"
+                                          for label in labels) + " |")  # fmt: skip
     rejecting = [label for label in labels if results[label].get("rejected")]
     if rejecting:
         lines += ["", "Share of the known images each checkpoint's stored threshold calls unknown:", "",
