@@ -653,10 +653,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="cifar3-bench-onnx-") as tmp:
         onnx = Path(tmp) / "model.onnx"
-        # Verified on --images when given, else on the data the checkpoint was trained on (cifar3.export).
+        # Verified on --images when given, else on the data the checkpoint was trained on (training.export).
         verify_on = ["--images", str(args.images)] if args.images and args.images.is_dir() else []
         subprocess.run(
-            [sys.executable, "-m", "cifar3.export", str(args.checkpoint), str(onnx), *verify_on,
+            [sys.executable, "-m", "training.export", str(args.checkpoint), str(onnx), *verify_on,
              "--int8", str(onnx_file(onnx, "onnxruntime-int8"))], check=True, cwd=ROOT,
         )  # fmt: skip
         print(f"in-process: {args.checkpoint} ...", flush=True)

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.int8 --checkpoint checkpoints/cifar3.pt --report reports/int8
 
-Exports the checkpoint to ONNX and quantizes it exactly as scripts/archive.sh does (cifar3.export: ONNX
+Exports the checkpoint to ONNX and quantizes it exactly as scripts/archive.sh does (training.export: ONNX
 Runtime's static quantization, QDQ, 7-bit int8 weights per channel, uint8 activations), calibrated here on
 training images that are not in the validation split, then scores float32 and int8 on the checkpoint's own
 validation split (accuracy, agreement with float32, largest probability difference) and times both at
@@ -25,10 +25,10 @@ import torch
 from bench.reporting import write_report
 from cifar3.checkpoint import load_checkpoint
 from cifar3.engine import OnnxRuntimeEngine, predict_probs
-from cifar3.export import export_checkpoint, quantize_int8
 from cifar3.hardware import describe_machine
 from cifar3.preprocessing import normalize
 from training.data import DEFAULT_DATA_ROOT, limit_per_class, load_split, stratified_split
+from training.export import export_checkpoint, quantize_int8
 
 BATCHES = (1, 8, 64)
 

@@ -6,7 +6,7 @@
 Engines (``handler.engine`` in model-config.yaml, ``training.evaluate --engine``, the benchmark):
 
 - ``torch``: the checkpoint's model in PyTorch eager, BatchNorm folded, in ``dtype`` (cifar3/inference.py);
-- ``onnxruntime``: the same state dict exported to ONNX (cifar3/export.py, at archive time) and run by
+- ``onnxruntime``: the same state dict exported to ONNX (training/export.py, at archive time) and run by
   ONNX Runtime's CPU provider in float32; probabilities within 1e-4 of PyTorch float32;
 - ``onnxruntime-int8``: that export quantized to int8 by ONNX Runtime (static, calibrated on real images at
   archive time), run the same way; opt-in, never chosen by ``auto`` (docs/performance.md has its accuracy);
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from cifar3.preprocessing import normalize
 logger = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "onnxruntime", "onnxruntime-int8")
-ONNX_INPUT, ONNX_OUTPUT = "images", "logits"  # the exported graph's tensor names (cifar3/export.py)
+ONNX_INPUT, ONNX_OUTPUT = "images", "logits"  # the exported graph's tensor names (training/export.py)
 ONNX_FILE = "model.onnx"  # the exported graph's name in the .mar (scripts/archive.sh writes it)
 ONNX_INT8_FILE = "model.int8.onnx"  # its int8 quantization, beside it in the .mar
 ONNX_FILES = {"onnxruntime": ONNX_FILE, "onnxruntime-int8": ONNX_INT8_FILE}  # engine -> its model in the .mar
@@ -146,15 +147,17 @@ def load_engine(
     dtype: str = "auto",
     threads: int | None = None,
     onnx_path: str | Path | None = None,
+    exporter: Callable[[str | Path, Path], Path] | None = None,
 ) -> tuple[Engine, ModelMeta]:
     """(engine, meta) for a checkpoint: ``choose_engine`` decides, then the engine is built.
 
     ``threads`` sets torch's intra-op threads (preprocessing runs in torch whatever the engine) and ONNX
     Runtime's. An ONNX Runtime engine runs ``onnx_path`` (the archive's exported model: ONNX_FILES names
-    it); with None, onnxruntime exports the checkpoint now, exactly as scripts/archive.sh does, while
+    it); with None, onnxruntime runs what ``exporter(checkpoint, out)`` writes now (training.export's
+    export_checkpoint, exactly as scripts/archive.sh exports: the core exports nothing itself), while
     onnxruntime-int8 needs the archive's quantized model (its calibration images are the archive's). Where
-    ONNX Runtime cannot run (not installed, the exported model missing or unreadable, or no exporter) the
-    torch engine runs instead, with one log line.
+    ONNX Runtime cannot run (not installed, the exported model missing or unreadable, no exporter given or
+    its export failing) the torch engine runs instead, with one log line.
     """
     device = torch.device(device)
     if threads:
@@ -163,15 +166,15 @@ def load_engine(
     choice = choose_engine(engine, device, dtype)
     if choice.engine == "onnxruntime-int8" and onnx_path is None:
         raise ValueError(f"engine onnxruntime-int8 runs an archive's quantized model ({ONNX_INT8_FILE}, written by "
-                         "scripts/archive.sh or python -m cifar3.export --int8): give its path (--onnx)")  # fmt: skip
+                         "scripts/archive.sh or python -m training.export --int8): give its path (--onnx)")  # fmt: skip
     if choice.engine in ONNX_FILES:
         try:
             if onnx_path is not None:
                 return OnnxRuntimeEngine(onnx_path, threads, int8=choice.engine == "onnxruntime-int8"), meta
+            if exporter is None:
+                raise FileNotFoundError("no exported model (onnx_path) and no exporter to write one")
             with tempfile.TemporaryDirectory(prefix="cifar3-onnx-") as folder:
-                from cifar3.export import export_checkpoint  # needs onnx + onnxscript (the train extra)
-
-                exported = export_checkpoint(checkpoint, Path(folder) / "cifar3.onnx")
+                exported = exporter(checkpoint, Path(folder) / "cifar3.onnx")
                 return OnnxRuntimeEngine(exported, threads), meta  # the session holds the graph in memory
         except Exception as exc:  # whatever stops ONNX Runtime must not leave a dead worker
             choice = choose_engine("torch", device, dtype if dtype in ("auto", *DTYPES) else "auto")

@@ -51,7 +51,7 @@ else  # its data path is relative to the repository root, where training ran
   verify_images="$stage/verify"
   (cd "$root" && "$python" -m training.samples "$stage/$model_name.pt" "$verify_images")
 fi
-(cd "$root" && "$python" -m cifar3.export "$stage/$model_name.pt" "$stage/extra/model.onnx" --images "$verify_images" \
+(cd "$root" && "$python" -m training.export "$stage/$model_name.pt" "$stage/extra/model.onnx" --images "$verify_images" \
   --int8 "$stage/extra/model.int8.onnx")
 
 mkdir -p "$model_store"

@@ -1,4 +1,4 @@
-"""The inference engine switch (cifar3/engine.py), the ONNX export and its verification (cifar3/export.py),
+"""The inference engine switch (cifar3/engine.py), the ONNX export and its verification (training/export.py),
 and parity of every engine between a real TorchServe and ``training.evaluate --engine``."""
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from conftest import MODEL_CONFIG, PYTHON, ROOT, run_cli, start_server
 from synthetic import sample_image
 
 from cifar3 import engine as engine_module
-from cifar3 import export
 from cifar3.checkpoint import load_checkpoint
 from cifar3.engine import (
     ONNX_FILE,
@@ -30,6 +29,7 @@ from cifar3.engine import (
 )
 from cifar3.inference import native_bfloat16, predict_logits
 from cifar3.preprocessing import pil_to_uint8
+from training import export
 
 CLASSES = ["airplane", "automobile", "ship"]
 CPU = torch.device("cpu")
@@ -43,7 +43,7 @@ def images() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def onnx_model(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    done = run_cli(PYTHON, "-m", "cifar3.export", str(tiny_checkpoint), str(out))
+    done = run_cli(PYTHON, "-m", "training.export", str(tiny_checkpoint), str(out))
     assert done.returncode == 0, done.stderr
     assert "verified on" in done.stdout and out.is_file()
     return out
@@ -91,11 +91,17 @@ def test_onnxruntime_equals_pytorch_float32_at_any_batch_size(tiny_checkpoint, o
         assert torch.allclose(predict_probs(engine, meta, images, batch_size), expected, atol=1e-4)
 
 
-def test_onnxruntime_without_an_exported_file_exports_the_checkpoint(tiny_checkpoint, onnx_model, images):
-    exported_now, meta = load_engine(tiny_checkpoint, "onnxruntime", threads=1)
+def test_onnxruntime_without_an_exported_file_exports_the_checkpoint(tiny_checkpoint, onnx_model, images, caplog):
+    exported_now, meta = load_engine(tiny_checkpoint, "onnxruntime", threads=1, exporter=export.export_checkpoint)
     archived, _ = load_engine(tiny_checkpoint, "onnxruntime", onnx_path=onnx_model, threads=1)
     assert isinstance(exported_now, OnnxRuntimeEngine)
     assert torch.equal(predict_probs(exported_now, meta, images), predict_probs(archived, meta, images))
+    # The core exports nothing itself (the exporter is training's): with neither, torch runs, saying why.
+    caplog.clear()  # the export's own log lines
+    with caplog.at_level(logging.INFO, logger="cifar3.engine"):
+        engine, _ = load_engine(tiny_checkpoint, "onnxruntime", dtype="float32")
+    assert isinstance(engine, TorchEngine)
+    assert len(caplog.records) == 1 and "no exporter" in caplog.records[0].getMessage()
 
 
 def test_without_onnxruntime_the_torch_engine_runs_with_one_log_line(tiny_checkpoint, onnx_model, monkeypatch, caplog):
@@ -124,7 +130,7 @@ def test_int8_runs_only_an_archives_quantized_model(tiny_checkpoint):
 
 def test_int8_export_is_quantized_and_predicts_what_float32_does(tiny_checkpoint, onnx_model, images, tmp_path):
     int8 = tmp_path / "model.int8.onnx"
-    done = run_cli(PYTHON, "-m", "cifar3.export", str(tiny_checkpoint), str(tmp_path / "model.onnx"),
+    done = run_cli(PYTHON, "-m", "training.export", str(tiny_checkpoint), str(tmp_path / "model.onnx"),
                    "--int8", str(int8))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "int8:" in done.stdout and "predicts what float32 does on" in done.stdout

@@ -25,6 +25,7 @@ from cifar3.engine import ONNX_FILES, choose_engine, load_engine, predict_probs
 from cifar3.inference import dtype_name, predict_logits
 from cifar3.preprocessing import ImageDecodeError, decode_image, pil_to_uint8
 from handler.cifar3_handler import Cifar3Handler
+from training.export import export_checkpoint
 
 CLASSES = ["airplane", "automobile", "ship"]
 TS_METRICS = Path(sys.modules["ts"].__file__).parent / "configs" / "metrics.yaml"
@@ -201,7 +202,7 @@ def test_handler_probabilities_equal_in_process_evaluation(handler, model_dir, t
     _, bodies = handle(handler, model_dir, [{"body": encode(im)} for im in images])
     served = torch.tensor([[b["probs"][c] for c in CLASSES] for b in bodies])
     float32 = probs(model)
-    same_engine, _ = load_engine(tiny_checkpoint, "auto", threads=1)
+    same_engine, _ = load_engine(tiny_checkpoint, "auto", threads=1, exporter=export_checkpoint)
     assert torch.allclose(served, predict_probs(same_engine, meta, uint8), atol=1e-5)
     assert torch.allclose(served, float32, atol=0.02)  # bfloat16 where the CPU has it: within 0.02 of float32
 

@@ -163,8 +163,8 @@ def test_benchmark_quick_run_writes_its_report(tiny_checkpoint, tmp_path):
 
 def test_benchmark_avx2_mode_restricts_torch_in_its_processes(tiny_checkpoint, tmp_path, monkeypatch):
     from bench.benchmark import in_process, load_image_bytes
-    from cifar3.export import export_checkpoint
     from cifar3.hardware import AVX2_ENV
+    from training.export import export_checkpoint
 
     onnx = export_checkpoint(tiny_checkpoint, tmp_path / "model.onnx")
     for name, value in AVX2_ENV.items():  # what --avx2 does before any measuring process starts

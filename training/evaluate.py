@@ -31,6 +31,7 @@ from cifar3.inference import DTYPES
 from cifar3.unknown import decision
 
 from .data import DEFAULT_DATA_ROOT, DataError, Dataset, limit_per_class, load_split, stratified_split
+from .export import export_checkpoint
 from .unknowns import load_unknowns, rejection_figures, unknown_split
 
 
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         engine, meta = load_engine(args.checkpoint, args.engine, device=args.device, dtype=args.dtype,
-                                   threads=args.threads, onnx_path=args.onnx)  # fmt: skip
+                                   threads=args.threads, onnx_path=args.onnx, exporter=export_checkpoint)  # fmt: skip
         data = (
             validation_split(meta, args.data_root)
             if args.validation

@@ -2,7 +2,7 @@
 
     python -m training.samples checkpoints/cifar3.pt OUT_DIR [--count 64]
 
-scripts/archive.sh verifies the ONNX export on these real images (cifar3/export.py reads image folders);
+scripts/archive.sh verifies the ONNX export on these real images (training/export.py reads image folders);
 the checkpoint's own validation split works for a CIFAR-10 download, a cifar-10-batches-py folder and an
 image folder alike.
 """

@@ -21,6 +21,7 @@ from fastapi import HTTPException
 
 from cifar3.engine import load_engine
 from cifar3.preprocessing import ImageDecodeError, decode_image, normalize, pil_to_uint8
+from training.export import export_checkpoint
 
 
 class Cifar3API(ls.LitAPI):
@@ -30,7 +31,7 @@ class Cifar3API(ls.LitAPI):
 
     def setup(self, device):
         self.engine, self.meta = load_engine(self.checkpoint, self.engine_name, threads=self.threads,
-                                             onnx_path=self.onnx)  # fmt: skip
+                                             onnx_path=self.onnx, exporter=export_checkpoint)  # fmt: skip
 
     def decode_request(self, request):
         try:

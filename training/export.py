@@ -1,12 +1,13 @@
 """Export a checkpoint's model to ONNX (dynamic batch axis) and verify it against PyTorch float32.
 
-    python -m cifar3.export checkpoints/cifar3.pt model.onnx [--images DIR] [--int8 model.int8.onnx]
+    python -m training.export checkpoints/cifar3.pt model.onnx [--images DIR] [--int8 model.int8.onnx]
 
 The state dict stays the source of truth: scripts/archive.sh runs this on every archive, and the
 exported graph goes into the .mar beside the checkpoint only if ONNX Runtime's probabilities on a
 batch of real images (``--images``, else the folder the checkpoint was trained on) are within
 ``TOLERANCE`` of the PyTorch float32 model's, at batch 1 and at the whole batch. Otherwise it exits 2
-with a message and writes nothing. Needs onnx and onnxscript (torch's dynamo exporter); serving does not.
+with a message and writes nothing. Needs onnx and onnxscript (torch's dynamo exporter); serving does not: the
+engine that runs the export (cifar3/engine.py) is the core's, the export is training's.
 
 ``--int8`` also writes the export quantized by ONNX Runtime's static quantization (QDQ; weights int8 per
 channel in 7 bits, so that CPUs without VNNI compute exactly what CPUs with it do; activations uint8,
@@ -126,7 +127,7 @@ def staged(path: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cifar3.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("out", type=Path, help="the .onnx file to write")
     parser.add_argument("--images", type=Path, help="folder of real images to verify on (default: the training data)")
