@@ -71,7 +71,8 @@ def test_links_and_named_files_exist():
             if "://" not in target:
                 assert (page.parent / target).exists(), f"{page.name} links to {target}"
         named = re.findall(
-            r"(?<![\w/.-])((?:scripts|training|handler|ui|bench|cifar3|deploy)/[\w./-]+\.(?:py|sh|yaml))", text
+            r"(?<![\w/.-])((?:scripts|training|handler|ui|bench|cifar3|cifar3_client|deploy)/[\w./-]+\.(?:py|sh|yaml))",
+            text,
         )
         for path in set(named):
             assert (ROOT / path).is_file(), f"{page.name} names {path}"
