@@ -187,7 +187,7 @@ def train_squares(folder: Path, python: str = sys.executable) -> Path:
     out = folder / "squares.pt"
     subprocess.run([python, "-m", "training.train", "--data", str(folder), "--out", str(out), "--preset", "cpu",
                     "--epochs", "4", "--batch-size", "32", "--lr", "0.05", "--device", "cpu",
-                    "--no-unknown-data"], check=True, cwd=ROOT, capture_output=True)  # fmt: skip
+                    "--no-unknown-data", "--photo", "0"], check=True, cwd=ROOT, capture_output=True)  # fmt: skip
     return out
 
 
