@@ -48,6 +48,7 @@ from cifar3.hardware import describe_machine
 from cifar3.preprocessing import eval_transform, normalize
 from cifar3_client.client import overlay_heatmap
 from training.evaluate import validation_split
+from training.export import export_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 FRACTION = 0.2  # share of the pixels removed in the deletion test
@@ -216,7 +217,7 @@ def squares(methods: list[str], per_class: int = 40) -> dict:
 
 def latency(checkpoint: Path, images: list[bytes], requests_each: int, methods: list[str]) -> dict:
     """Sequential (c=1) explanations by each method and predictions against a real TorchServe."""
-    from scripts.serve import start_server
+    from cifar3_client.server import start_server
 
     with tempfile.TemporaryDirectory(prefix="faithfulness-") as tmp:
         store = Path(tmp) / "model_store"
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model, meta = load_checkpoint(args.checkpoint)
     # The serving engine as handler/model-config.yaml configures it runs the perturbation methods' copies.
-    engine, _ = load_engine(args.checkpoint, "auto", threads=1)
+    engine, _ = load_engine(args.checkpoint, "auto", threads=1, exporter=export_checkpoint)
     val = validation_split(meta, args.data_root)
     images, labels = val.images[: args.limit], val.labels[: args.limit]
     if args.latency_only:  # the figures do not depend on the machine's load; latency does

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ from cifar3.checkpoint import load_checkpoint
 from cifar3.engine import ONNX_FILE, ONNX_FILES, load_engine
 from cifar3.explain import DEFAULT_METHOD, METHODS, check_method
 from cifar3.preprocessing import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, eval_transform
+from cifar3.timing import StageTimer
 from cifar3.unknown import decision
 
 logger = logging.getLogger(__name__)
@@ -140,27 +140,6 @@ def envelope_image_bytes(item, envelope: str) -> bytes:
         return base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise ImageDecodeError("malformed base64 image data") from None
-
-
-class StageTimer:
-    """Milliseconds spent per stage of one batch (decode, forward, postprocess), reported as TorchServe timers:
-    with model_metrics_auto_detect they appear on the metrics API beside HandlerTime, so a slow batch shows
-    where its time went."""
-
-    def __init__(self):
-        self.ms: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str):
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - started) * 1000
-
-    def report(self, metrics) -> None:
-        for stage, ms in self.ms.items():
-            metrics.add_time(stage, round(ms, 3), None, "ms")
 
 
 def error_body(message: str, code: int = 400) -> str:
