@@ -3,7 +3,7 @@
 #
 #   scripts/test.sh              # what CI runs: everything but the tests marked slow
 #   scripts/test.sh --all        # everything, the slow tests too (second servers, real-data and benchmark runs)
-#   scripts/test.sh --fast       # the fast lane: no TorchServe, no browser (pytest -m "not server and not browser")
+#   scripts/test.sh --fast       # the fast lane: no TorchServe, no browser, no training, export or archive commands
 #   scripts/test.sh -k serving   # extra arguments go to pytest (after --fast, if given)
 #
 # Test artefacts (the browser screenshot) land in test-artifacts/.
@@ -16,7 +16,7 @@ lane=(-m "not slow")  # the markers are declared in pyproject.toml
 if [ "${1:-}" = "--fast" ]; then
   shift
   setup_args=()  # no Chromium
-  lane=(-m "not server and not browser and not slow")
+  lane=(-m "not server and not browser and not slow and not cli")
 elif [ "${1:-}" = "--all" ]; then
   shift
   lane=()

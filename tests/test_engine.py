@@ -81,6 +81,7 @@ def test_explicit_engines_and_bad_names():
 # -- running ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.cli
 def test_onnxruntime_equals_pytorch_float32_at_any_batch_size(tiny_checkpoint, onnx_model, images):
     model, meta = load_checkpoint(tiny_checkpoint)
     expected = meta.scores(predict_logits(model, images, meta.mean, meta.std))[0]
@@ -91,6 +92,7 @@ def test_onnxruntime_equals_pytorch_float32_at_any_batch_size(tiny_checkpoint, o
         assert torch.allclose(predict_probs(engine, meta, images, batch_size), expected, atol=1e-4)
 
 
+@pytest.mark.cli
 def test_onnxruntime_without_an_exported_file_exports_the_checkpoint(tiny_checkpoint, onnx_model, images, caplog):
     exported_now, meta = load_engine(tiny_checkpoint, "onnxruntime", threads=1, exporter=export.export_checkpoint)
     archived, _ = load_engine(tiny_checkpoint, "onnxruntime", onnx_path=onnx_model, threads=1)
@@ -104,6 +106,7 @@ def test_onnxruntime_without_an_exported_file_exports_the_checkpoint(tiny_checkp
     assert len(caplog.records) == 1 and "no exporter" in caplog.records[0].getMessage()
 
 
+@pytest.mark.cli
 def test_without_onnxruntime_the_torch_engine_runs_with_one_log_line(tiny_checkpoint, onnx_model, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
     with caplog.at_level(logging.INFO, logger="cifar3.engine"):
@@ -128,6 +131,7 @@ def test_int8_runs_only_an_archives_quantized_model(tiny_checkpoint):
         load_engine(tiny_checkpoint, "onnxruntime-int8")
 
 
+@pytest.mark.cli
 def test_int8_export_is_quantized_and_predicts_what_float32_does(tiny_checkpoint, onnx_model, images, tmp_path):
     int8 = tmp_path / "model.int8.onnx"
     done = run_cli(PYTHON, "-m", "training.export", str(tiny_checkpoint), str(tmp_path / "model.onnx"),
@@ -144,6 +148,7 @@ def test_int8_export_is_quantized_and_predicts_what_float32_does(tiny_checkpoint
     assert torch.equal(predict_probs(quantized, meta, images, batch_size=1), p8)  # any batch size, same answer
 
 
+@pytest.mark.cli
 def test_int8_that_disagrees_is_left_out_with_a_warning(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(export, "INT8_AGREEMENT", 1.01)  # no model can agree this well
     float32, int8 = tmp_path / "model.onnx", tmp_path / "model.int8.onnx"
@@ -155,6 +160,7 @@ def test_int8_that_disagrees_is_left_out_with_a_warning(tiny_checkpoint, tmp_pat
 # -- export and its verification --------------------------------------------------------------------
 
 
+@pytest.mark.cli
 def test_export_refuses_when_the_export_differs(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(export, "TOLERANCE", 0.0)  # any difference at all now counts as a wrong export
     out = tmp_path / "model.onnx"
@@ -163,6 +169,7 @@ def test_export_refuses_when_the_export_differs(tiny_checkpoint, tmp_path, monke
     assert not out.exists() and not list(tmp_path.iterdir())  # nothing written, no temp file left
 
 
+@pytest.mark.cli
 def test_archive_refuses_without_images_to_verify_on(tiny_checkpoint, tmp_path):
     (tmp_path / "empty").mkdir()
     done = run_cli("bash", str(ROOT / "scripts" / "archive.sh"), str(tiny_checkpoint),
@@ -172,6 +179,7 @@ def test_archive_refuses_without_images_to_verify_on(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "store" / "cifar3.mar").exists()
 
 
+@pytest.mark.cli
 def test_archive_verifies_on_the_checkpoints_own_validation_images(cifar_dir, tmp_path):
     """A checkpoint trained on a cifar-10-batches-py folder (no image files to point at) archives without
     VERIFY_IMAGES: the export is checked on its validation images, read from the same source."""
@@ -186,6 +194,7 @@ def test_archive_verifies_on_the_checkpoints_own_validation_images(cifar_dir, tm
     assert ONNX_FILE in zipfile.ZipFile(tmp_path / "store" / "cifar3.mar").namelist()
 
 
+@pytest.mark.cli
 def test_the_archive_carries_the_exported_models(model_store):
     assert set(ONNX_FILES.values()) <= set(zipfile.ZipFile(model_store / "cifar3.mar").namelist())
 

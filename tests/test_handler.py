@@ -207,6 +207,7 @@ def test_handler_probabilities_equal_in_process_evaluation(handler, model_dir, t
     assert torch.allclose(served, float32, atol=0.02)  # bfloat16 where the CPU has it: within 0.02 of float32
 
 
+@pytest.mark.cli
 def test_archive_is_self_contained(model_dir, tmp_path):
     """The extracted .mar alone (no repository on sys.path) loads and classifies an image."""
     script = """

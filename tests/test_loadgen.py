@@ -161,6 +161,7 @@ def test_benchmark_quick_run_writes_its_report(tiny_checkpoint, tmp_path):
     assert f"\nMachine: {describe_cpu()}; torch " in markdown  # the machine line every report writes
 
 
+@pytest.mark.cli
 def test_benchmark_avx2_mode_restricts_torch_in_its_processes(tiny_checkpoint, tmp_path, monkeypatch):
     from bench.benchmark import in_process, load_image_bytes
     from cifar3.hardware import AVX2_ENV

@@ -38,6 +38,7 @@ def test_the_projects_packages_import_anywhere_and_the_client_loads_no_torch(tmp
 
 
 @pytest.mark.parametrize("command", ["cifar3-train", "cifar3-evaluate", "cifar3-serve"])
+@pytest.mark.cli
 def test_entry_points_run_from_any_directory(command, tmp_path):
     done = outside(str(BIN / command), "--help", cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.startswith("usage:"), done.stderr

@@ -152,6 +152,7 @@ def test_an_image_folders_classes_are_its_sub_folders_sorted_unless_classes_pick
         resolve_classes(str(one))
 
 
+@pytest.mark.cli
 def test_cifar10_download_failure_is_a_clear_message(tmp_path):
     """torchvision's CIFAR-10 download, made to fail for sure (a proxy nobody listens on, so nothing is
     fetched on a machine that is online): the CLI says to pass a local path instead, without a traceback."""
@@ -322,6 +323,7 @@ def test_train_cli_smoke_writes_checkpoint_log_and_curves(tiny_checkpoint):
     assert Image.open(tiny_checkpoint.with_suffix(".curves.png")).size[0] > 200
 
 
+@pytest.mark.cli
 def test_training_is_reproducible(tmp_path, image_folder):
     outs = []
     for name in ("a", "b"):
@@ -348,6 +350,7 @@ def test_training_is_reproducible(tmp_path, image_folder):
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
 
 
+@pytest.mark.cli
 def test_time_budget_is_used_to_its_end(tmp_path, image_folder):
     """The schedule is stretched over the budget: training stops when the budget (less the calibration's
     reserve) is used, not a whole epoch early; the steps taken are recorded for replaying with --steps."""
@@ -368,6 +371,7 @@ def test_time_budget_is_used_to_its_end(tmp_path, image_folder):
     assert load_checkpoint(out)[1].train_config["steps"] <= summary["steps"]
 
 
+@pytest.mark.cli
 def test_steps_replays_a_schedule_without_the_clock(tmp_path, image_folder):
     out = tmp_path / "steps.pt"
     result = run_cli(PYTHON, "-m", "training.train", "--data", str(image_folder), "--out", str(out), "--limit", "10",
@@ -431,6 +435,7 @@ def test_progressive_resizing_trains_small_inputs_first(image_folder):
     assert sizes == [24, 24, 32, 32] and seen == 40 and progress.done
 
 
+@pytest.mark.cli
 def test_bfloat16_autocast_only_where_native():
     """Under the AVX2 emulation (an ordinary CPU) training stays in float32 even on a CPU with AVX512-BF16."""
     code = "import torch; from cifar3.inference import native_bfloat16; print(native_bfloat16(torch.device('cpu')))"
@@ -476,6 +481,7 @@ def test_pretrained_loads_every_matching_layer_from_the_cache(tmp_path, monkeypa
     assert len(load_imagenet_weights(build_model("resnet18_imagenet", 3))[0]) == len(imagenet) - 2  # its stem fits
 
 
+@pytest.mark.cli
 def test_pretrained_offline_is_one_clear_error_naming_the_file(tmp_path, monkeypatch, image_folder):
     env = no_network_env(tmp_path)
     for name, value in env.items():
@@ -518,6 +524,7 @@ def test_corrupted_folders_change_the_pixels_and_keep_the_labels(tmp_path, image
     assert noisy.read_bytes() == (again / "shot_noise" / "ship" / noisy.name).read_bytes()
 
 
+@pytest.mark.cli
 def test_corruptions_cli_evaluates_each_folder_like_evaluate(tmp_path, tiny_checkpoint):
     report = tmp_path / "report" / "corruptions"
     result = run_cli(PYTHON, "-m", "training.corruptions", "--checkpoint", str(tiny_checkpoint), "--out",
@@ -537,6 +544,7 @@ def test_corruptions_cli_evaluates_each_folder_like_evaluate(tmp_path, tiny_chec
     assert json.loads(report.with_suffix(".json").read_text())["n"] == 18
 
 
+@pytest.mark.cli
 def test_sigterm_stops_training_with_the_best_epoch_on_disk(tmp_path, image_folder):
     out = tmp_path / "term.pt"
     cmd = [PYTHON, "-u", "-m", "training.train", "--data", str(image_folder), "--out", str(out), "--limit", "10",
@@ -556,6 +564,7 @@ def test_sigterm_stops_training_with_the_best_epoch_on_disk(tmp_path, image_fold
     assert meta.epoch in (1, 2) and meta.val_accuracy is not None
 
 
+@pytest.mark.cli
 def test_train_cli_errors_are_one_clear_line(tmp_path):
     result = run_cli(
         PYTHON, "-m", "training.train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.pt")
@@ -566,6 +575,7 @@ def test_train_cli_errors_are_one_clear_line(tmp_path):
     assert result.returncode == 2 and "unknown class name(s): unicorn" in result.stderr
 
 
+@pytest.mark.cli
 def test_train_help_documents_every_flag():
     result = run_cli(PYTHON, "-m", "training.train", "--help")
     for flag in (
@@ -584,6 +594,7 @@ def test_train_help_documents_every_flag():
         assert flag in result.stdout
 
 
+@pytest.mark.cli
 def test_evaluate_cli_writes_report_and_ends_with_json(tmp_path, tiny_checkpoint, cifar_dir, image_folder):
     report = tmp_path / "report"
     result = run_cli(
@@ -640,6 +651,7 @@ def own_classes_checkpoint(tmp_path_factory):
     return out
 
 
+@pytest.mark.cli
 def test_own_classes_train_and_evaluate_under_their_folder_names(own_classes_checkpoint, tmp_path):
     _, meta = load_checkpoint(own_classes_checkpoint)
     assert meta.classes == ["lorry", "songbird"]
@@ -680,6 +692,7 @@ def test_own_classes_are_archived_served_and_answered(own_classes_checkpoint, tm
     assert described["classes"] == ["lorry", "songbird"]
 
 
+@pytest.mark.cli
 def test_evaluate_cli_missing_checkpoint(tmp_path):
     result = run_cli(PYTHON, "-m", "training.evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--data", "x")
     assert result.returncode == 2 and result.stderr.startswith("error: checkpoint not found")
@@ -703,6 +716,7 @@ def test_no_constant_is_retyped_outside_its_module():
         assert not strings & set(CIFAR10_CLASSES), f"{path} spells out class names {strings & set(CIFAR10_CLASSES)}"
 
 
+@pytest.mark.cli
 def test_evaluate_validation_split_reproduces_the_selection_accuracy(tmp_path, tiny_checkpoint):
     result = run_cli(PYTHON, "-m", "training.evaluate", "--checkpoint", str(tiny_checkpoint), "--validation",
                      "--report-dir", str(tmp_path))  # fmt: skip

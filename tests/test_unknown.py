@@ -166,6 +166,7 @@ def train_quick(cifar_dir, out, *extra):
     return load_checkpoint(out)
 
 
+@pytest.mark.cli
 def test_a_cifar_source_trains_with_its_other_classes_unless_told_not_to(cifar_dir, tmp_path):
     model, meta = train_quick(cifar_dir, tmp_path / "with.pt")
     assert meta.unknown["score"] == OTHER_CLASS and meta.num_outputs == 4 and model.fc.out_features == 4
@@ -178,6 +179,7 @@ def test_a_cifar_source_trains_with_its_other_classes_unless_told_not_to(cifar_d
     assert unknown_source(parse(["--data", str(tmp_path), "--unknown-data", "X"])) == "X"
 
 
+@pytest.mark.cli
 def test_bad_unknown_data_is_a_clear_error(image_folder, tmp_path):
     done = run_cli(PYTHON, "-m", "training.train", "--data", str(image_folder), "--unknown-data",
                    str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.pt"), "--steps", "1")  # fmt: skip
