@@ -255,7 +255,9 @@ def int8_server(tmp_path_factory, tiny_checkpoint):
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("which", ["auto", "onnxruntime", "onnxruntime-int8"])
+# ONNX Runtime in float32 is covered in-process (test_onnxruntime_equals_pytorch_float32_at_any_batch_size) and
+# served through the same engine code as int8: its own server runs with --all.
+@pytest.mark.parametrize("which", ["auto", pytest.param("onnxruntime", marks=pytest.mark.slow), "onnxruntime-int8"])
 def test_served_probabilities_equal_evaluate_with_the_same_engine(which, request, tiny_checkpoint, tmp_path):
     """For every engine: what the server answers is what training.evaluate computes with that engine (for
     the ONNX engines, on the model file the archive carries)."""

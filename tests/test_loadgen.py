@@ -176,6 +176,7 @@ def test_benchmark_avx2_mode_restricts_torch_in_its_processes(tiny_checkpoint, t
 
 
 @pytest.mark.server
+@pytest.mark.slow
 def test_layouts_serve_each_layout_with_its_settings(tiny_checkpoint, tmp_path):
     """bench.layouts archives the checkpoint with each layout's model-config and the server runs exactly it."""
     report = tmp_path / "layouts"
