@@ -694,12 +694,7 @@ class Cifar3Client:
     def predict(self, data: bytes, name: str = "image") -> Prediction:
         """The model's answer for one image's bytes, or ClientError saying why there is none."""
         response = self.post("predictions", data)  # sent again while TorchServe says its worker is gone
-        if response.status_code == 200:
-            try:
-                return parse_prediction(response.json())
-            except ValueError as exc:
-                raise ClientError(f"unexpected answer for {name}: {exc}", "bad_answer") from None
-        raise self._failure(response, name, data)
+        return self._answer(response, parse_prediction, f"unexpected answer for {name}", name, data)
 
     def explain(
         self, data: bytes, name: str = "image", target: str | None = None, method: str | None = None
@@ -709,11 +704,15 @@ class Cifar3Client:
         body = {"data": base64.b64encode(data).decode("ascii")} | ({"target": target} if target else {})
         body |= {"method": method} if method else {}
         response = self.post("explanations", json.dumps(body).encode(), {"Content-Type": "application/json"})
+        return self._answer(response, parse_explanation, f"unexpected explanation for {name}", name, data)
+
+    def _answer(self, response: requests.Response, parse, unexpected: str, name: str, data: bytes):
+        """``parse`` of an HTTP 200 answer's JSON, or the ClientError for an unexpected body or another status."""
         if response.status_code == 200:
             try:
-                return parse_explanation(response.json())
+                return parse(response.json())
             except ValueError as exc:
-                raise ClientError(f"unexpected explanation for {name}: {exc}", "bad_answer") from None
+                raise ClientError(f"{unexpected}: {exc}", "bad_answer") from None
         raise self._failure(response, name, data)
 
     def _failure(self, response: requests.Response, name: str, data: bytes) -> ClientError:
