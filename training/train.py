@@ -91,8 +91,8 @@ class Recipe:
     unknown_ratio: float = 0.25
     unknown_loss: str = OTHER_CLASS
     synthetic_unknowns: int = 6000  # synthetic unknown images added to the unknown data (training/unknowns.py)
-    # Share of the known images that get one photo defect (PHOTO_DEFECTS), at a random strength: what uploads
-    # suffer (blur, haze, exposure, sensor noise, JPEG, faded colour, too few pixels). 0 = off.
+    # Share of the images (unknown ones too) that get one photo defect (PHOTO_DEFECTS), at a random strength:
+    # what uploads suffer (blur, haze, exposure, sensor noise, JPEG, faded colour, too few pixels). 0 = off.
     photo: float = 0.0
 
 
@@ -110,7 +110,7 @@ PRESETS = {
     # of 32x32 on an AVX2 CPU (docs/training.md, "Recipe choices"); 14.5 minutes to the calibrated checkpoint,
     # so that with interpreter start-up the whole command stays within 15. A quarter of the images get a photo
     # defect: at equal steps that kept clean accuracy and lifted accuracy on corrupted copies from 0.90x to 0.95x
-    # of clean (docs/training.md, "Robustness to photo defects").
+    # of clean (docs/training.md, "Robustness to ordinary photo variation").
     "cpu": Recipe("resnet18_pool", epochs=8, batch_size=32, lr=0.05, weight_decay=5e-4,
                   label_smoothing=0.1, crop_padding=4, cutout=0, warmup=0.25, time_budget_s=870,
                   low_res=24, low_res_until=0.5, photo=0.25),
@@ -229,17 +229,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _jpeg(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    quality = int(torch.randint(10, 61, (), generator=gen))  # one quality per group: F.jpeg takes one
+    # One quality per group (F.jpeg takes one); drawn where the generator lives, as every draw here.
+    quality = int(torch.randint(10, 61, (), generator=gen, device=gen.device))
     return F.jpeg(x.round().clamp(0, 255).to(torch.uint8).cpu(), quality=quality).to(x)
 
 
 def _blur(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    sigma = float(torch.empty(()).uniform_(0.4, 1.4, generator=gen))
+    sigma = float(torch.empty((), device=gen.device).uniform_(0.4, 1.4, generator=gen))
     return F.gaussian_blur(x, kernel_size=[5, 5], sigma=[sigma, sigma])
 
 
 def _pixelate(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    side = int(torch.randint(12, 25, (), generator=gen))
+    side = int(torch.randint(12, 25, (), generator=gen, device=gen.device))
     small = nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
     return nn.functional.interpolate(small, size=x.shape[-2:], mode="nearest")
 
