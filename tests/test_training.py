@@ -13,6 +13,7 @@ import torchvision
 from conftest import PYTHON, ROOT, free_ports, run_cli, start_server
 from PIL import Image
 from synthetic import class_images, encode, write_image_folder
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cifar3.checkpoint import CheckpointError, ModelMeta, load_checkpoint, save_checkpoint
 from cifar3.classes import CIFAR10_CLASSES, DEFAULT_CLASSES, parse_classes
@@ -34,6 +35,7 @@ from training.train import (
     BestSnapshot,
     Progress,
     Recipe,
+    ema_start,
     make_objective,
     one_cycle,
     photo_defects,
@@ -433,6 +435,44 @@ def test_progressive_resizing_trains_small_inputs_first(image_folder):
     seen = train_epoch(model, optimizer, progress, data.images[:40], data.labels[:40], recipe, gen, mean, std,
                        False, "test", make_objective(recipe, 3))[2]  # fmt: skip
     assert sizes == [24, 24, 32, 32] and seen == 40 and progress.done
+
+
+def test_weight_average_starts_at_full_size_input_and_follows_each_step(image_folder):
+    """The average's first update copies the weights of the first full-size step (nothing from the 24x24 half);
+    each later one moves it by 1 - decay towards the new weights."""
+    recipe = Recipe("resnet18_fast", epochs=1, batch_size=10, lr=0.05, weight_decay=0, label_smoothing=0,
+                    crop_padding=4, cutout=0, warmup=0.25, low_res=24, low_res_until=0.5, ema=0.75)  # fmt: skip
+    assert ema_start(recipe) == 0.5 and ema_start(Recipe(**{**recipe.__dict__, "low_res": 0})) == 0.5
+    data = load_split(str(image_folder), CLASSES, "train")
+    model = build_model("resnet18_fast", 3)
+    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema), use_buffers=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    after_step = []
+    optimizer.register_step_post_hook(lambda *_: after_step.append(model.fc.weight.detach().clone()))
+    gen = torch.Generator().manual_seed(0)
+    mean, std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
+    train_epoch(model, optimizer, Progress(steps=4), data.images[:40], data.labels[:40], recipe, gen, mean, std,
+                False, "test", make_objective(recipe, 3), average=average)  # fmt: skip
+    assert len(after_step) == 4 and average.n_averaged.item() == 2  # steps 3 and 4 are at 32x32
+    expected = 0.75 * after_step[2] + 0.25 * after_step[3]
+    assert torch.allclose(average.module.fc.weight, expected, atol=1e-6)
+    assert not torch.allclose(average.module.fc.weight, after_step[3], atol=1e-4)
+    bn = average.module.bn1.running_mean
+    assert not torch.equal(bn, torch.zeros_like(bn))  # BatchNorm statistics are averaged too
+
+
+@pytest.mark.cli
+def test_ema_run_validates_and_keeps_the_average_and_logs_the_raw_weights(tmp_path, image_folder):
+    out = tmp_path / "ema.pt"
+    result = run_cli(PYTHON, "-m", "training.train", "--data", str(image_folder), "--out", str(out), "--limit", "10",
+                     "--batch-size", "8", "--variant", "resnet18_imagenet", "--steps", "9", "--ema", "0.5")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in out.with_suffix(".log.jsonl").read_text().splitlines()]
+    # 3 steps an epoch, averaging from step 5 (half-way at 24x24 input): epochs 2 and 3 validate the average
+    assert "raw_val_acc" not in records[0] and all("raw_val_acc" in r for r in records[1:])
+    meta = load_checkpoint(out)[1]
+    assert meta.train_config["ema"] == 0.5
+    assert meta.val_accuracy == max(r["val_acc"] for r in records)
 
 
 @pytest.mark.cli

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
@@ -94,6 +95,10 @@ class Recipe:
     # Share of the images (unknown ones too) that get one photo defect (PHOTO_DEFECTS), at a random strength:
     # what uploads suffer (blur, haze, exposure, sensor noise, JPEG, faded colour, too few pixels). 0 = off.
     photo: float = 0.0
+    # Exponential moving average of the weights (and BatchNorm statistics) per step, from the point where the
+    # input reaches full size (progressive resizing) or half-way: its decay, 0 = off. With it, validation, the
+    # best-epoch checkpoint and calibration use the average; the log also gives the raw weights' accuracy.
+    ema: float = 0.0
 
 
 # Hyperparameters of the recipes; docs/training.md says what each reached, where.
@@ -118,7 +123,7 @@ PRESETS = {
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 # Recipe fields a command-line option of the same name (--batch-size for batch_size) overrides.
 OVERRIDES = ("variant", "epochs", "batch_size", "lr", "low_res", "low_res_until", "warmup", "crop_padding",
-             "label_smoothing", "unknown_ratio", "unknown_loss", "synthetic_unknowns", "photo")  # fmt: skip
+             "label_smoothing", "unknown_ratio", "unknown_loss", "synthetic_unknowns", "photo", "ema")  # fmt: skip
 UNKNOWN_LOSSES = (OTHER_CLASS, "outlier-exposure")
 OUTLIER_EXPOSURE_WEIGHT = 0.5  # Hendrycks et al. 2019's weight of the uniform-target term
 
@@ -213,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--photo", type=float, metavar="SHARE",
                    help="share of the images given one photo defect at a random strength: blur, low contrast, "
                         "exposure, noise, JPEG, faded colour, pixelation (0 = none)")  # fmt: skip
+    p.add_argument("--ema", type=float, metavar="DECAY",
+                   help="keep an exponential moving average of the weights with this decay per step (from full-size "
+                        "input on) and validate, keep and calibrate it (0 = off)")  # fmt: skip
     p.add_argument("--limit", type=int, help="use at most N training images per class (quick runs)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="stratified validation split")
     p.add_argument("--seed", type=int, default=0)
@@ -408,9 +416,10 @@ class Progress:
         self.begin = clock()
         self.reserve = 0.0 if budget_end is None else 0.03 * (budget_end - self.begin)  # until measured
 
-    def reserve_for(self, validation_s: float) -> None:
-        """The end of a budgeted run: one more validation, the calibration's, and a save (a second or two)."""
-        self.reserve = 2 * validation_s + 2.0
+    def reserve_for(self, validation_s: float, validations: int = 1) -> None:
+        """The end of a budgeted run: the last epoch's ``validations``, the calibration's, and a save (a second
+        or two)."""
+        self.reserve = (validations + 1) * validation_s + 2.0
 
     def __call__(self) -> float:
         if self.budget_end is None:
@@ -470,13 +479,15 @@ def train_epoch(
     desc: str,
     objective,
     unknown: torch.Tensor | None = None,
+    average: AveragedModel | None = None,
 ) -> tuple[float, float, int]:
     """One pass over the shuffled training images (the last partial batch dropped), augmented on their
     device, stopping early when ``progress`` reaches 1: (mean loss, accuracy, images seen). Each step first
     sets the learning rate, momentum and input size for the current progress. Nothing in the loop waits for a
     GPU except every 10th step on a time budget (so that the clock measures work done, not work queued):
     losses and hits are summed on the device and read once at the end. With ``unknown`` images, each batch
-    adds ``recipe.unknown_ratio`` of them per known image, drawn at random."""
+    adds ``recipe.unknown_ratio`` of them per known image, drawn at random. ``average`` (the recipe's ``ema``)
+    takes in the weights after every step from ``ema_start(recipe)`` on."""
     device = images.device
     model.train()
     unknown_per_batch = round(recipe.batch_size * recipe.unknown_ratio) if unknown is not None else 0
@@ -501,6 +512,8 @@ def train_epoch(
             drawn = torch.randint(0, len(unknown), (unknown_per_batch,), generator=gen, device=device)
             batch = torch.cat([batch, unknown[drawn]])
         loss, outputs = train_step(model, optimizer, objective, batch, targets, recipe, gen, mean, std, size, bf16)
+        if average is not None and done >= ema_start(recipe):
+            average.update_parameters(model)
         progress.step += 1
         loss_sum += loss * len(idx)
         correct += (outputs.argmax(1) == targets).sum()
@@ -508,6 +521,12 @@ def train_epoch(
     if device.type == "cuda":
         torch.cuda.synchronize()  # the steps above were only queued
     return loss_sum.item() / max(1, seen), correct.item() / max(1, seen), seen
+
+
+def ema_start(recipe: Recipe) -> float:
+    """Where the weight average begins: at full-size input (earlier weights and BatchNorm statistics belong to
+    the smaller input), else half-way. The first update copies the weights, so no random start is averaged in."""
+    return recipe.low_res_until if recipe.low_res else 0.5
 
 
 def evaluate_split(
@@ -645,6 +664,9 @@ def train(args: argparse.Namespace) -> dict:
         print(f"--pretrained: {len(loaded)} ImageNet tensors loaded; freshly initialised: {', '.join(skipped)}")
     model = model.to(device, memory_format=torch.channels_last)  # 10-25% faster training on CPU and GPU
     optimizer = build_optimizer(model, recipe)
+    average = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema), use_buffers=True) if recipe.ema else None
+    )
     bf16 = recipe.bf16 and native_bfloat16(device)  # False under ATEN_CPU_CAPABILITY=avx2 too
     steps_per_epoch = max(1, len(train_set) // recipe.batch_size)  # drop the last partial batch
     if budget_end is not None:
@@ -693,7 +715,7 @@ def train(args: argparse.Namespace) -> dict:
             epoch_start = time.perf_counter()
             train_loss, train_acc, seen = train_epoch(
                 model, optimizer, progress, train_images, train_labels, recipe, gen, mean_t, std_t, bf16,
-                f"epoch {epoch}", objective, unknown_images,
+                f"epoch {epoch}", objective, unknown_images, average,
             )  # fmt: skip
             if not seen:  # the budget ran out between the check above and the first step
                 epoch -= 1
@@ -702,7 +724,14 @@ def train(args: argparse.Namespace) -> dict:
             validation_start = clock()  # the budget's clock: wall time, or CPU time on a busy machine
             val_loss, val_acc, _ = evaluate_split(model, val_set, mean, std, recipe.label_smoothing, len(classes))
             if epoch == 1:
-                progress.reserve_for(clock() - validation_start)
+                progress.reserve_for(clock() - validation_start, 1 + (average is not None))
+            validated, raw = model, {}
+            if average is not None and average.n_averaged.item():  # validate, keep and calibrate the average
+                raw = {"raw_val_loss": round(val_loss, 5), "raw_val_acc": round(val_acc, 5)}
+                validated = average.module
+                val_loss, val_acc, _ = evaluate_split(
+                    validated, val_set, mean, std, recipe.label_smoothing, len(classes)
+                )
             record = {
                 "epoch": epoch,
                 "steps": progress.step,
@@ -710,6 +739,7 @@ def train(args: argparse.Namespace) -> dict:
                 "train_acc": round(train_acc, 5),
                 "val_loss": round(val_loss, 5),
                 "val_acc": round(val_acc, 5),
+                **raw,
                 "lr": round(optimizer.param_groups[0]["lr"], 6),
                 "epoch_time_s": round(time.perf_counter() - epoch_start, 2),
                 "images_per_s": round(seen / train_time, 1),
@@ -720,7 +750,7 @@ def train(args: argparse.Namespace) -> dict:
                 meta.val_accuracy, meta.epoch = round(val_acc, 5), epoch
                 meta.train_config["steps"] = progress.step
                 meta.created = datetime.now(UTC).isoformat(timespec="seconds")
-                best.keep(model, meta)
+                best.keep(validated, meta)
             saved = best.save(force=progress.done)
             history.append(record)
             with log_path.open("a") as log:
