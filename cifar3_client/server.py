@@ -84,6 +84,7 @@ class Server:
         self.config, self.run_dir = Path(self.config).resolve(), Path(self.run_dir).resolve()
         self._log_offset: int | None = None  # where this object's start() began in ts_log.log
         self.killed_on_stop: list[int] = []  # worker pids the last stop() had to kill (Java left them)
+        self.orphaned_on_stop: list[int] = []  # workers started as Java stopped, which it never connected to
         props = read_properties(self.config)
 
         def reachable(address: str) -> str:
@@ -347,11 +348,28 @@ class Server:
         while any(_alive(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.2)
         self.killed_on_stop = [w for w in workers if _alive(w)]
-        for worker in self.killed_on_stop:
+        # A worker Java (re)started in its last moments, e.g. after a failed load, was not below it when
+        # the stop began and was never connected to: it would wait on its socket for ever.
+        self.orphaned_on_stop = [p.pid for p in self.processes() if p.pid not in workers and p.pid != pid]
+        for worker in self.killed_on_stop + self.orphaned_on_stop:
             with contextlib.suppress(OSError):
                 os.kill(worker, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)
         return True
+
+    def processes(self) -> list[psutil.Process]:
+        """The running Java and worker processes of this server, found by command line (Java's config file,
+        the workers' socket folder), so also workers that no longer hang below Java."""
+        marks = [("org.pytorch.serve.ModelServer", str(self.config))]
+        if self._env().get("TEMP") == str(self.tmp_dir):  # else the sockets are in the shared /tmp
+            marks.append(("model_service_worker", str(self.tmp_dir / ".ts.sock")))
+        found = []
+        for proc in psutil.process_iter(["cmdline", "status"]):
+            with contextlib.suppress(psutil.Error):
+                cmdline = " ".join(proc.info["cmdline"] or [])
+                if proc.info["status"] != psutil.STATUS_ZOMBIE and any(a in cmdline and b in cmdline for a, b in marks):
+                    found.append(proc)
+        return found
 
     def predict(self, image: Path) -> requests.Response:
         """The server's raw answer for an image file (status and JSON body as they are)."""

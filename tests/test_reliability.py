@@ -15,8 +15,12 @@ import ipaddress
 import json
 import os
 import re
+import signal
 import stat
+import subprocess
+import sys
 
+import psutil
 import pytest
 import requests
 from conftest import start_server, write_server_config
@@ -210,6 +214,27 @@ def test_stop_start_cycles_restore_no_state_and_leave_no_process(own_server, pay
     state = row(rows, ": state")
     assert state["worker_counts"] == [state["configured"]] * cycles and state["snapshot_dirs"] == []
     assert row(rows, ": processes")["left"] == []
+
+
+def test_stop_kills_a_worker_java_started_but_never_connected_to(own_server):
+    """Java restarts a worker that failed to load; one started as Java stops is no longer below Java and
+    would wait on its socket for ever. serve.py's stop finds it by its socket path and kills it."""
+    java = own_server.pid()
+    workers = {p.pid for p in psutil.Process(java).children(recursive=True)}
+    assert workers and {p.pid for p in own_server.processes()} == {java} | workers
+    # Such a worker, as Java would have started it: the worker script's name and a socket in the server's folder.
+    sock = own_server.tmp_dir / ".ts.sock.9999"
+    stray = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)", "model_service_worker.py", "--sock-name", str(sock)]
+    )
+    try:
+        assert own_server.stop()
+        assert stray.wait(timeout=10) == -signal.SIGKILL
+        assert own_server.orphaned_on_stop == [stray.pid] and own_server.killed_on_stop == []
+        assert own_server.processes() == []
+    finally:
+        stray.kill()
+        own_server.start()  # for the tests after this one
 
 
 def test_request_slower_than_the_response_timeout(tmp_path, model_store, payload):

@@ -429,34 +429,24 @@ def check_corrupt_mar(
 
 def stop_and_check(server: Server, grace: float = 15.0) -> Result:
     """Stop the server (Server.stop); then neither Java nor any worker process it had may be left
-    running, and Java must have stopped its workers itself (Server.stop kills leftovers, and says so)."""
-    pids = sorted({p.pid for p in process_tree(server.pid())} | {p.pid for p in find_processes(server.run_dir)})
+    running, and Java must have stopped its workers itself (Server.stop kills leftovers, and says so).
+    A worker Java started as it stopped and never connected to is killed by Server.stop and only reported."""
+    pids = sorted({p.pid for p in process_tree(server.pid())} | {p.pid for p in server.processes()})
     server.stop()
     wait_for(lambda: not alive(pids), grace)
-    left = sorted(set(alive(pids)) | {p.pid for p in find_processes(server.run_dir)})
-    killed = list(getattr(server, "killed_on_stop", []))
+    left = sorted(set(alive(pids)) | {p.pid for p in server.processes()})
+    killed = list(server.killed_on_stop)
+    orphaned = list(server.orphaned_on_stop)
     return result(
         "stop: processes left",
         "none (Java stops its workers)",
-        f"{len(left)} of {len(pids)} still running" + (f"; serve.py had to kill workers {killed}" if killed else ""),
+        f"{len(left)} of {len(pids)} still running"
+        + (f"; serve.py had to kill workers {killed}" if killed else "")
+        + (f"; serve.py killed {orphaned}, started as Java stopped and never connected" if orphaned else ""),
         not left and not killed,
         left=left + killed,
+        orphaned=orphaned,
     )
-
-
-def find_processes(run_dir: Path) -> list[psutil.Process]:
-    """Java or worker processes that belong to the server in run_dir (by config path or socket path)."""
-    run_dir = Path(run_dir).resolve()
-    marks = (str(run_dir / "tmp" / ".ts.sock"), str(run_dir.parent / "config.properties"))
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
-        try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and any(m in cmdline for m in marks):
-                found.append(proc)
-        except psutil.Error:
-            pass
-    return found
 
 
 def check_stop_start(server: Server, payload: bytes, cycles: int = 3, timeout: float = 240.0) -> list[Result]:
