@@ -31,6 +31,8 @@ class ModelMeta:
     mean: list[float]
     std: list[float]
     temperature: float = 1.0  # divides the logits; fitted on the validation split
+    # [a, b] of the top-label map after the temperature (cifar3/unknown.py, calibrate_confidence); [] = none.
+    confidence_map: list[float] = field(default_factory=list)
     val_accuracy: float | None = None
     epoch: int | None = None
     created: str = ""  # ISO 8601, UTC
@@ -46,7 +48,7 @@ class ModelMeta:
 
     def scores(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The network's logits -> (calibrated N x C class probabilities, N unknown scores): what answers report."""
-        return split_scores(logits, len(self.classes), self.temperature, self.unknown)
+        return split_scores(logits, len(self.classes), self.temperature, self.unknown, self.confidence_map)
 
 
 class CheckpointError(RuntimeError):

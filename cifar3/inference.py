@@ -87,11 +87,6 @@ def predict_logits(model: nn.Module, images: torch.Tensor, mean, std, batch_size
     return torch.cat(outputs) if outputs else torch.empty(0, 0)
 
 
-def calibrated_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Softmax of temperature-scaled logits: the probabilities the service reports."""
-    return torch.softmax(logits.float() / temperature, dim=-1)
-
-
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The temperature T minimising the NLL of softmax(logits / T) on held-out data (Guo et al. 2017)."""
     log_t = torch.zeros(1, requires_grad=True)
@@ -106,3 +101,20 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
     optimizer.step(closure)
     return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+def fit_confidence_map(probs: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """[a, b] of the top-label map (cifar3/unknown.py, calibrate_confidence) fitted on held-out data:
+    a logistic regression of "the prediction was right" on logit(top probability) (Platt 1999, applied to
+    the top label as in Gupta & Ramdas 2022). [] (no map) when the data cannot support one: every prediction
+    right, or every one wrong, or a fit that would reverse the order of confidences."""
+    from sklearn.linear_model import LogisticRegression  # only training fits; serving does not need sklearn
+
+    top, predicted = probs.detach().float().max(dim=-1)
+    right = (predicted == labels).numpy()
+    if right.all() or not right.any():
+        return []
+    x = torch.logit(top, eps=1e-7).double().numpy()[:, None]
+    fit = LogisticRegression(C=1e4).fit(x, right)  # C: next to no regularisation, two parameters
+    a, b = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+    return [round(a, 5), round(b, 5)] if a > 0 else []

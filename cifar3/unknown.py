@@ -20,9 +20,11 @@ calls an image unknown until a threshold is given.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 OTHER_CLASS = "other-class"
 ENERGY = "energy"
@@ -45,17 +47,46 @@ def class_logits(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
     return logits[:, :num_classes]
 
 
-def split_scores(logits: torch.Tensor, num_classes: int, temperature: float, unknown: dict):
+def split_scores(
+    logits: torch.Tensor, num_classes: int, temperature: float, unknown: dict, confidence_map: Sequence[float] = ()
+):
     """float N x outputs logits -> (calibrated N x C class probabilities, N unknown scores)."""
     scaled = logits.float() / temperature
     known = scaled[:, :num_classes]
-    probs = torch.softmax(known, dim=-1)
+    probs = calibrate_confidence(torch.softmax(known, dim=-1), confidence_map)
     if score_name(unknown) == OTHER_CLASS:
         # P(other) under the softmax over every output = sigmoid(other - logsumexp(classes)).
         score = torch.sigmoid(scaled[:, num_classes] - torch.logsumexp(known, dim=-1))
     else:
         score = -torch.logsumexp(known, dim=-1)
     return probs, score
+
+
+def calibrate_confidence(probs: torch.Tensor, confidence_map: Sequence[float]) -> torch.Tensor:
+    """Top-label Platt scaling after the temperature: the top probability c becomes sigmoid(a * logit(c) + b)
+    for ``confidence_map`` = [a, b] (a > 0: a higher confidence stays higher), and the other classes share
+    the rest in their old proportions. One temperature moves every confidence the same way; the two
+    parameters can lower middling confidences and raise near-certain ones together, which a model trained
+    with label smoothing needs. The runner-up never overtakes the top class, so the prediction is unchanged.
+    Empty map (checkpoints written before it existed): the probabilities as they are. Differentiable, for
+    the explanations."""
+    if not confidence_map:
+        return probs
+    a, b = confidence_map
+    top, predicted = probs.max(dim=-1)
+    is_top = nn.functional.one_hot(predicted, probs.shape[-1]).bool()
+    others = probs.masked_fill(is_top, 0.0)
+    new_top = torch.sigmoid(a * torch.logit(top, eps=1e-7) + b)
+    # The runner-up p2 becomes p2 * (1 - new_top) / (1 - top): it stays below new_top while
+    # new_top > p2 / (1 - top + p2); the small margin keeps a tie from flipping the argmax.
+    runner_up = others.max(dim=-1).values
+    floor = runner_up / (1.0 - top + runner_up).clamp_min(1e-12)
+    new_top = torch.maximum(new_top, (floor + 1e-4).clamp_max(1.0))
+    total = others.sum(dim=-1, keepdim=True)
+    # Shares of the rest: the old proportions, or equal ones where the top class had it all.
+    share = torch.where(total > 0, others / total.clamp_min(1e-30), (~is_top).float() / (probs.shape[-1] - 1))
+    rest = share * (1.0 - new_top).unsqueeze(-1)
+    return torch.where(is_top, new_top.unsqueeze(-1), rest)
 
 
 @dataclass(frozen=True)

@@ -387,6 +387,7 @@ class Cifar3Handler(BaseHandler):
                 "image_size": meta.image_size,
                 "val_accuracy": meta.val_accuracy,
                 "temperature": meta.temperature,
+                "confidence_map": meta.confidence_map,
                 "trained": meta.created,
                 "epoch": meta.epoch,
                 # what runs the forward pass: engine, dtype, threads, device (requested: model-config's engine)

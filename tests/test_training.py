@@ -19,7 +19,7 @@ from cifar3.checkpoint import CheckpointError, ModelMeta, load_checkpoint, save_
 from cifar3.classes import CIFAR10_CLASSES, DEFAULT_CLASSES, parse_classes
 from cifar3.hardware import AVX2_ENV
 from cifar3.inference import (
-    calibrated_probs,
+    fit_confidence_map,
     fit_temperature,
     inference_dtype,
     native_bfloat16,
@@ -28,8 +28,10 @@ from cifar3.inference import (
 )
 from cifar3.model import VARIANTS, PretrainedWeightsError, build_model, imagenet_weights_path, load_imagenet_weights
 from cifar3.preprocessing import CIFAR10_MEAN, CIFAR10_STD, decode_image, normalize, pil_to_uint8
+from cifar3.unknown import calibrate_confidence
 from training.corruptions import CORRUPTIONS, UPSCALED_SIZE, write_corrupted_folders
 from training.data import DataError, limit_per_class, load_split, resolve_classes, stratified_split
+from training.evaluate import expected_calibration_error
 from training.train import (
     PHOTO_DEFECTS,
     BestSnapshot,
@@ -228,22 +230,25 @@ def test_bfloat16_model_is_close_to_float32_and_the_same_at_any_batch_size():
     images = torch.randint(0, 256, (9, 3, 32, 32), dtype=torch.uint8)
     bf16 = prepare_for_inference(model, torch.bfloat16)
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
-    one_by_one = calibrated_probs(predict_logits(bf16, images, CIFAR10_MEAN, CIFAR10_STD, batch_size=1), 1.0)
-    together = calibrated_probs(predict_logits(bf16, images, CIFAR10_MEAN, CIFAR10_STD), 1.0)
-    float32 = calibrated_probs(predict_logits(prepare_for_inference(model), images, CIFAR10_MEAN, CIFAR10_STD), 1.0)
+    one_by_one = predict_logits(bf16, images, CIFAR10_MEAN, CIFAR10_STD, batch_size=1).softmax(1)
+    together = predict_logits(bf16, images, CIFAR10_MEAN, CIFAR10_STD).softmax(1)
+    float32 = predict_logits(prepare_for_inference(model), images, CIFAR10_MEAN, CIFAR10_STD).softmax(1)
     assert torch.allclose(one_by_one, together, atol=1e-4)  # served batches of any size agree with evaluate
     assert torch.allclose(together, float32, atol=0.05) and not torch.equal(together, float32)
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
     model = build_model("resnet18_fast", 3).eval()
-    meta = ModelMeta("resnet18_fast", CLASSES, 32, list(CIFAR10_MEAN), list(CIFAR10_STD), temperature=1.7)
+    meta = ModelMeta("resnet18_fast", CLASSES, 32, list(CIFAR10_MEAN), list(CIFAR10_STD), temperature=1.7,
+                     confidence_map=[1.4, -1.1])  # fmt: skip
     path = tmp_path / "c.pt"
     save_checkpoint(path, model, meta)
     raw = torch.load(path, weights_only=True)  # plain data only: no pickled code
     assert set(raw) == {"format_version", "meta", "state_dict"}
     rebuilt, meta2 = load_checkpoint(path)
     assert meta2 == meta
+    logits = torch.randn(6, 3)
+    assert torch.equal(meta2.scores(logits)[0], calibrate_confidence((logits / 1.7).softmax(1), [1.4, -1.1]))
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), rebuilt(x))
@@ -308,7 +313,63 @@ def test_temperature_scaling_softens_overconfident_logits():
     logits[::4] = logits[::4].roll(1, dims=1)  # a quarter confidently wrong
     temperature = fit_temperature(logits, labels)
     assert temperature > 2
-    assert torch.allclose(calibrated_probs(logits, temperature).sum(1), torch.ones(len(labels)))
+
+
+def label_smoothed_predictions(n: int, seed: int, a: float = 1.6, b: float = -1.2):
+    """3-class probabilities whose top-label confidence c is right with chance sigmoid(a logit(c) + b): with
+    a > 1 and b < 0, middling confidences too high and near-certain ones too low, as label smoothing leaves
+    them; one temperature cannot fix both."""
+    gen = torch.Generator().manual_seed(seed)
+    top = 0.4 + 0.6 * torch.rand(n, generator=gen) ** 0.25  # most near 1, like a trained model's
+    right = torch.rand(n, generator=gen) < torch.sigmoid(a * torch.logit(top) + b)
+    labels = torch.randint(0, 3, (n,), generator=gen)
+    predicted = torch.where(right, labels, (labels + torch.randint(1, 3, (n,), generator=gen)) % 3)
+    split = torch.rand(n, generator=gen)  # how the other two classes share the rest
+    others = torch.stack([split, 1 - split], 1) * (1 - top).unsqueeze(1)
+    probs = torch.zeros(n, 3)
+    probs[torch.arange(n), predicted] = top
+    rest = torch.tensor([[j for j in range(3) if j != k] for k in predicted.tolist()])
+    probs.scatter_(1, rest, others)
+    return probs, labels
+
+
+def test_top_label_confidence_map_fixes_what_a_temperature_cannot():
+    probs, labels = label_smoothed_predictions(20_000, seed=0)
+    confidence_map = fit_confidence_map(probs, labels)
+    assert confidence_map[0] == pytest.approx(1.6, abs=0.15) and confidence_map[1] == pytest.approx(-1.2, abs=0.3)
+    fresh, fresh_labels = label_smoothed_predictions(20_000, seed=1)
+    calibrated = calibrate_confidence(fresh, confidence_map)
+    before = expected_calibration_error(fresh.numpy(), fresh_labels.numpy())
+    after = expected_calibration_error(calibrated.numpy(), fresh_labels.numpy())
+    assert before > 0.03 and after < 0.01
+    # same predictions, still probabilities
+    assert torch.equal(calibrated.argmax(1), fresh.argmax(1))
+    assert torch.allclose(calibrated.sum(1), torch.ones(len(fresh)), atol=1e-5)
+    # the order of confidences kept, where the runner-up does not hold the top class up (above 0.8 it cannot)
+    confident = fresh.max(1).values >= 0.8
+    order = fresh.max(1).values[confident].argsort()
+    assert (calibrated.max(1).values[confident][order].diff() >= 0).all()
+
+
+def test_confidence_map_keeps_the_prediction_at_the_edges():
+    probs = torch.tensor([[0.34, 0.33, 0.33], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.45, 0.44, 0.11]])
+    for confidence_map in ([0.2, -3.0], [1.6, -1.2], [5.0, 4.0]):
+        calibrated = calibrate_confidence(probs, confidence_map)
+        assert torch.isfinite(calibrated).all() and (calibrated >= 0).all()
+        assert torch.allclose(calibrated.sum(1), torch.ones(4), atol=1e-5)
+        top = calibrated.max(1).values
+        assert (calibrated[:, 0] == top).all() and (calibrated[[0, 3], 1] < top[[0, 3]]).all()
+    assert torch.equal(calibrate_confidence(probs, []), probs)  # checkpoints without a map
+    logits = torch.randn(5, 3, requires_grad=True)  # explanations take gradients through it
+    calibrate_confidence(logits.softmax(1), [1.6, -1.2])[:, 1].sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_no_confidence_map_where_the_data_cannot_support_one():
+    probs, labels = label_smoothed_predictions(300, seed=2)
+    assert fit_confidence_map(probs, probs.argmax(1)) == []  # every prediction right
+    assert fit_confidence_map(probs, (probs.argmax(1) + 1) % 3) == []  # every prediction wrong
+    assert len(fit_confidence_map(probs, labels)) == 2
 
 
 # --- the CLIs ------------------------------------------------------------------------------------
@@ -318,6 +379,7 @@ def test_train_cli_smoke_writes_checkpoint_log_and_curves(tiny_checkpoint):
     _, meta = load_checkpoint(tiny_checkpoint)
     assert meta.classes == CLASSES and meta.variant == "resnet18_pool" and meta.image_size == 32
     assert 0.0 <= meta.val_accuracy <= 1.0 and meta.temperature > 0 and meta.created
+    assert meta.confidence_map == [] or meta.confidence_map[0] > 0
     assert meta.train_config["epochs"] == 4 and meta.train_config["preset"] == "cpu"
     records = [json.loads(line) for line in tiny_checkpoint.with_suffix(".log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]

@@ -88,6 +88,7 @@ def evaluate(
         },
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=label_ids).tolist(),
         "temperature": meta.temperature,
+        "confidence_map": meta.confidence_map,
         "variant": meta.variant,
         "unknown": unknown_metrics(engine, meta, scores, unknown),
     }

@@ -23,8 +23,8 @@ docs/training.md has the recipe, the budget table and the robustness figures.
 Every epoch logs train/validation loss and accuracy, learning rate, time and images/s, to stdout
 and as JSON lines (``<out>.log.jsonl``) with a training-curve plot (``<out>.curves.png``). The best
 epoch on the validation split is checkpointed atomically (at most every 5 s, always at the end and when
-stopped early: Ctrl-C, SIGTERM); a temperature is then fitted on the validation split for calibrated
-probabilities. Quick mode for tests: ``--limit 50 --epochs 1``.
+stopped early: Ctrl-C, SIGTERM); a temperature and a top-label confidence map are then fitted on the
+validation split for calibrated probabilities. Quick mode for tests: ``--limit 50 --epochs 1``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from cifar3.checkpoint import ModelMeta, save_checkpoint
 from cifar3.hardware import describe_machine
-from cifar3.inference import fit_temperature, native_bfloat16, predict_logits
+from cifar3.inference import fit_confidence_map, fit_temperature, native_bfloat16, predict_logits
 from cifar3.model import (
     IMAGENET_WEIGHTS,
     VARIANTS,
@@ -771,11 +771,14 @@ def train(args: argparse.Namespace) -> dict:
         raise
 
     best.save(force=True)
-    # Calibrate the best epoch's model on the validation split; the handler divides logits by T.
+    # Calibrate the best epoch's model on the validation split: the handler divides logits by T,
     model.load_state_dict(best.state)
     meta = copy.deepcopy(best.meta)
     _, _, val_logits = evaluate_split(model, val_set, mean, std, 0.0, len(classes))
     meta.temperature = round(fit_temperature(class_logits(val_logits, len(classes)), val_set.labels), 5)
+    # then the top-label map on the temperature-scaled probabilities (cifar3/unknown.py, calibrate_confidence)
+    temperature_only = split_scores(val_logits, len(classes), meta.temperature, meta.unknown)[0]
+    meta.confidence_map = fit_confidence_map(temperature_only, val_set.labels)
     meta.unknown = unknown_decision(model, meta, val_logits, unknown_val, recipe, args)
     save_checkpoint(args.out, model, meta)
     checkpoint_ready_s = time.perf_counter() - started
@@ -786,6 +789,7 @@ def train(args: argparse.Namespace) -> dict:
         "unknown": meta.unknown,
         "best_epoch": meta.epoch,
         "temperature": meta.temperature,
+        "confidence_map": meta.confidence_map,
         "preset": preset,
         "variant": recipe.variant,
         "device": str(device),
