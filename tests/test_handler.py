@@ -185,6 +185,7 @@ def test_describe_returns_the_checkpoint_metadata(handler, tiny_checkpoint):
     _, meta = load_checkpoint(tiny_checkpoint)
     assert described["classes"] == CLASSES and described["variant"] == meta.variant
     assert described["val_accuracy"] == meta.val_accuracy and described["trained"] == meta.created
+    assert described["temperature"] == meta.temperature and described["confidence_map"] == meta.confidence_map
     # model-config's engine and dtype: auto, resolved for this machine exactly as training.evaluate resolves them
     choice = choose_engine("auto", torch.device("cpu"))
     assert described["engine"] == choice.engine and described["dtype"] == dtype_name(choice.dtype)
