@@ -73,18 +73,18 @@ def calibrate_confidence(probs: torch.Tensor, confidence_map: Sequence[float]) -
     if not confidence_map:
         return probs
     a, b = confidence_map
+    probs = probs.float()  # the margin below needs float32's resolution
     top, predicted = probs.max(dim=-1)
     is_top = nn.functional.one_hot(predicted, probs.shape[-1]).bool()
     others = probs.masked_fill(is_top, 0.0)
-    new_top = torch.sigmoid(a * torch.logit(top, eps=1e-7) + b)
-    # The runner-up p2 becomes p2 * (1 - new_top) / (1 - top): it stays below new_top while
-    # new_top > p2 / (1 - top + p2); the small margin keeps a tie from flipping the argmax.
-    runner_up = others.max(dim=-1).values
-    floor = runner_up / (1.0 - top + runner_up).clamp_min(1e-12)
-    new_top = torch.maximum(new_top, (floor + 1e-4).clamp_max(1.0))
     total = others.sum(dim=-1, keepdim=True)
     # Shares of the rest: the old proportions, or equal ones where the top class had it all.
     share = torch.where(total > 0, others / total.clamp_min(1e-30), (~is_top).float() / (probs.shape[-1] - 1))
+    # The runner-up gets s (1 - new_top) for its share s: below new_top while new_top > s / (1 + s); the
+    # small margin keeps a tie from flipping the argmax.
+    largest_share = share.max(dim=-1).values
+    floor = largest_share / (1.0 + largest_share) + 1e-6
+    new_top = torch.maximum(torch.sigmoid(a * torch.logit(top, eps=1e-7) + b), floor).clamp_max(1.0)
     rest = share * (1.0 - new_top).unsqueeze(-1)
     return torch.where(is_top, new_top.unsqueeze(-1), rest)
 

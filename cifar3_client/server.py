@@ -350,7 +350,7 @@ class Server:
         self.killed_on_stop = [w for w in workers if _alive(w)]
         # A worker Java (re)started in its last moments, e.g. after a failed load, was not below it when
         # the stop began and was never connected to: it would wait on its socket for ever.
-        self.orphaned_on_stop = [p.pid for p in self.processes() if p.pid not in workers and p.pid != pid]
+        self.orphaned_on_stop = [p.pid for p in self._socket_workers() if p.pid not in workers]
         for worker in self.killed_on_stop + self.orphaned_on_stop:
             with contextlib.suppress(OSError):
                 os.kill(worker, signal.SIGKILL)
@@ -358,18 +358,30 @@ class Server:
         return True
 
     def processes(self) -> list[psutil.Process]:
-        """The running Java and worker processes of this server, found by command line (Java's config file,
-        the workers' socket folder), so also workers that no longer hang below Java."""
-        marks = [("org.pytorch.serve.ModelServer", str(self.config))]
-        if self._env().get("TEMP") == str(self.tmp_dir):  # else the sockets are in the shared /tmp
-            marks.append(("model_service_worker", str(self.tmp_dir / ".ts.sock")))
+        """The running Java and worker processes of this server: Java and what hangs below it, and the workers
+        with a socket in this server's folder wherever they hang (a worker Java never connected to)."""
+        found = {}
+        with contextlib.suppress(psutil.Error):
+            if pid := self.pid():
+                java = psutil.Process(pid)
+                found = {p.pid: p for p in [java, *java.children(recursive=True)]}
+        found.update({p.pid: p for p in self._socket_workers()})
+        return [p for p in found.values() if _alive(p.pid)]
+
+    def _socket_workers(self) -> list[psutil.Process]:
+        """TorchServe worker processes whose socket is in this server's own folder (run/tmp), by their exact
+        arguments; none where the sockets are in the shared /tmp (a run folder's path too long for them)."""
+        if self._env().get("TEMP") != str(self.tmp_dir):
+            return []
+        prefix = str(self.tmp_dir / ".ts.sock.")
         found = []
-        for proc in psutil.process_iter(["cmdline", "status"]):
-            with contextlib.suppress(psutil.Error):
-                cmdline = " ".join(proc.info["cmdline"] or [])
-                if proc.info["status"] != psutil.STATUS_ZOMBIE and any(a in cmdline and b in cmdline for a, b in marks):
-                    found.append(proc)
-        return found
+        for proc in psutil.process_iter(["cmdline"]):
+            args = proc.info["cmdline"] or []
+            if any(a.endswith("model_service_worker.py") for a in args) and any(
+                a == "--sock-name" and n.startswith(prefix) for a, n in zip(args, args[1:], strict=False)
+            ):
+                found.append(proc)
+        return [p for p in found if _alive(p.pid)]
 
     def predict(self, image: Path) -> requests.Response:
         """The server's raw answer for an image file (status and JSON body as they are)."""

@@ -222,18 +222,23 @@ def test_stop_kills_a_worker_java_started_but_never_connected_to(own_server):
     java = own_server.pid()
     workers = {p.pid for p in psutil.Process(java).children(recursive=True)}
     assert workers and {p.pid for p in own_server.processes()} == {java} | workers
-    # Such a worker, as Java would have started it: the worker script's name and a socket in the server's folder.
-    sock = own_server.tmp_dir / ".ts.sock.9999"
-    stray = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(300)", "model_service_worker.py", "--sock-name", str(sock)]
-    )
+
+    # Such a worker, as Java would have started it: the worker script and a socket in the server's folder;
+    # and one of another server (its socket in another folder), which must be left alone.
+    def worker(sock):
+        command = [sys.executable, "-c", "import time; time.sleep(300)", "ts/model_service_worker.py"]
+        return subprocess.Popen([*command, "--sock-type", "unix", "--sock-name", str(sock)])
+
+    stray = worker(own_server.tmp_dir / ".ts.sock.9999")
+    other = worker(own_server.tmp_dir.parent.parent / "other-run" / "tmp" / ".ts.sock.9000")
     try:
         assert own_server.stop()
         assert stray.wait(timeout=10) == -signal.SIGKILL
         assert own_server.orphaned_on_stop == [stray.pid] and own_server.killed_on_stop == []
-        assert own_server.processes() == []
+        assert own_server.processes() == [] and other.poll() is None
     finally:
         stray.kill()
+        other.kill()
         own_server.start()  # for the tests after this one
 
 

@@ -353,12 +353,17 @@ def test_top_label_confidence_map_fixes_what_a_temperature_cannot():
 
 def test_confidence_map_keeps_the_prediction_at_the_edges():
     probs = torch.tensor([[0.34, 0.33, 0.33], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.45, 0.44, 0.11]])
-    for confidence_map in ([0.2, -3.0], [1.6, -1.2], [5.0, 4.0]):
-        calibrated = calibrate_confidence(probs, confidence_map)
-        assert torch.isfinite(calibrated).all() and (calibrated >= 0).all()
-        assert torch.allclose(calibrated.sum(1), torch.ones(4), atol=1e-5)
-        top = calibrated.max(1).values
-        assert (calibrated[:, 0] == top).all() and (calibrated[[0, 3], 1] < top[[0, 3]]).all()
+    saturated = torch.tensor([30.0, 0.0, 0.0]).softmax(0)  # the others ~1e-13 each
+    # maps that lower every confidence a lot, one from a typical fit, one that raises every confidence
+    for confidence_map in ([0.05, -3.0], [0.2, -3.0], [1.6, -1.2], [5.0, 4.0]):
+        for batch in (probs, torch.cat([probs, saturated[None]]), probs.bfloat16()):
+            calibrated = calibrate_confidence(batch, confidence_map)
+            assert torch.isfinite(calibrated).all() and (calibrated >= 0).all()
+            assert torch.allclose(calibrated.sum(1), torch.ones(len(batch)), atol=1e-5)
+            top = calibrated.max(1).values
+            assert (calibrated[:, 0] == top).all() and (calibrated[:, 1:] < top[:, None]).all(), confidence_map
+        two_classes = calibrate_confidence(torch.tensor([[1.0, 0.0], [0.7, 0.3]]), confidence_map)
+        assert (two_classes.argmax(1) == 0).all() and (two_classes[:, 1] < two_classes[:, 0]).all()
     assert torch.equal(calibrate_confidence(probs, []), probs)  # checkpoints without a map
     logits = torch.randn(5, 3, requires_grad=True)  # explanations take gradients through it
     calibrate_confidence(logits.softmax(1), [1.6, -1.2])[:, 1].sum().backward()
@@ -366,9 +371,12 @@ def test_confidence_map_keeps_the_prediction_at_the_edges():
 
 
 def test_no_confidence_map_where_the_data_cannot_support_one():
-    probs, labels = label_smoothed_predictions(300, seed=2)
+    probs, labels = label_smoothed_predictions(2_000, seed=2)
     assert fit_confidence_map(probs, probs.argmax(1)) == []  # every prediction right
     assert fit_confidence_map(probs, (probs.argmax(1) + 1) % 3) == []  # every prediction wrong
+    few_wrong = probs.argmax(1).clone()
+    few_wrong[probs.max(1).values.argsort()[:10]] += 1  # 10 wrong, the least confident: too few, and a step
+    assert fit_confidence_map(probs, few_wrong % 3) == []
     assert len(fit_confidence_map(probs, labels)) == 2
 
 
