@@ -27,7 +27,7 @@ from cifar3.hardware import describe_machine
 from cifar3.inference import fit_confidence_map, fit_temperature, predict_logits
 from cifar3.unknown import class_logits, split_scores
 from training.data import DEFAULT_DATA_ROOT
-from training.evaluate import expected_calibration_error, validation_split
+from training.evaluate import expected_calibration_error, reliability_bins, validation_split
 
 METHODS = {"temperature": "temperature", "map": "temperature + confidence map"}
 BINS = 15
@@ -62,17 +62,9 @@ def figures(probs: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> 
 
 
 def reliability(probs: np.ndarray, labels: np.ndarray) -> list[dict]:
-    """Per confidence bin: images, accuracy, mean confidence."""
-    confidence, right = probs.max(1), probs.argmax(1) == labels
-    edges = np.linspace(0.0, 1.0, BINS + 1)
-    rows = []
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
-        in_bin = (confidence > low) & (confidence <= high)
-        if in_bin.any():
-            rows.append({"bin": f"{low:.2f}-{high:.2f}", "images": int(in_bin.sum()),
-                         "accuracy": round(float(right[in_bin].mean()), 4),
-                         "confidence": round(float(confidence[in_bin].mean()), 4)})  # fmt: skip
-    return rows
+    """Per confidence bin: images, accuracy, mean confidence (rounded for the report)."""
+    return [{"bin": f"{r['low']:.2f}-{r['high']:.2f}", "images": r["images"], "accuracy": round(r["accuracy"], 4),
+             "confidence": round(r["confidence"], 4)} for r in reliability_bins(probs, labels, BINS)]  # fmt: skip
 
 
 def markdown(report: dict) -> str:

@@ -35,16 +35,25 @@ from .export import export_checkpoint
 from .unknowns import load_unknowns, rejection_figures, unknown_split
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    """ECE with equal-width confidence bins: sum over bins of |accuracy - confidence| x bin weight."""
-    confidence, predicted = probs.max(1), probs.argmax(1)
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> list[dict]:
+    """Equal-width bins of the top confidence, the non-empty ones: their edges, images, accuracy and mean
+    confidence."""
+    confidence, right = probs.max(1), probs.argmax(1) == labels
     edges = np.linspace(0.0, 1.0, bins + 1)
-    ece = 0.0
-    for low, high in zip(edges[:-1], edges[1:], strict=False):
+    rows = []
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
         in_bin = (confidence > low) & (confidence <= high)
         if in_bin.any():
-            ece += in_bin.mean() * abs((predicted[in_bin] == labels[in_bin]).mean() - confidence[in_bin].mean())
-    return float(ece)
+            rows.append({"low": float(low), "high": float(high), "images": int(in_bin.sum()),
+                         "accuracy": float(right[in_bin].mean()),
+                         "confidence": float(confidence[in_bin].mean())})  # fmt: skip
+    return rows
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE with equal-width confidence bins: sum over bins of |accuracy - confidence| x bin weight."""
+    return float(sum(r["images"] * abs(r["accuracy"] - r["confidence"]) for r in reliability_bins(probs, labels, bins))
+                 / len(labels))  # fmt: skip
 
 
 def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> None:

@@ -25,7 +25,6 @@ from bench.reliability.common import (
     alive,
     describe_model,
     ping,
-    process_tree,
     result,
     wait_for,
     workers,
@@ -431,7 +430,7 @@ def stop_and_check(server: Server, grace: float = 15.0) -> Result:
     """Stop the server (Server.stop); then neither Java nor any worker process it had may be left
     running, and Java must have stopped its workers itself (Server.stop kills leftovers, and says so).
     A worker Java started as it stopped and never connected to is killed by Server.stop and only reported."""
-    pids = sorted({p.pid for p in process_tree(server.pid())} | {p.pid for p in server.processes()})
+    pids = sorted(p.pid for p in server.processes())
     server.stop()
     wait_for(lambda: not alive(pids), grace)
     left = sorted(set(alive(pids)) | {p.pid for p in server.processes()})
