@@ -31,9 +31,9 @@ from cifar3.hardware import AVX2_ENV
 START_UP_S = 30.0
 # training.* from the repository root, cifar3_training.* installed (pyproject.toml).
 PROBE = (
-    f"import json, sys, torch; from {__package__}.throughput import images_per_cpu_second as r; "
-    "torch.set_num_threads(1); "
-    "print(json.dumps({'rate': r('resnet18_fast', torch.channels_last, 32, False, 128, float(sys.argv[1])), "
+    f"import json, sys, torch; from {__package__}.throughput import images_per_cpu_second as r, training_step as s; "
+    "torch.set_num_threads(1); step = s('resnet18_fast', torch.channels_last, 32, False, 128); "
+    "print(json.dumps({'rate': r({'probe': step}, 128, float(sys.argv[1]), 1)['probe'], "
     "'capability': torch.backends.cpu.get_cpu_capability()}))"
 )
 

@@ -326,6 +326,23 @@ def augment(images: torch.Tensor, recipe: Recipe, gen: torch.Generator) -> torch
     return images
 
 
+def training_layout(model: nn.Module, bf16: bool) -> nn.Module:
+    """The memory layout training runs ``model`` in (its weights and activations), in place: channels_last,
+    10-25% faster steps on CPU and GPU (training/throughput.py). On CPU in float32, layer4 alone stays NCHW:
+    there torch's backward of a channels_last convolution on layer4's 2x2 feature maps copies the 512x512
+    weight to NCHW on every step, about a tenth of a step's time; NCHW avoids that copy. A pre-hook hands
+    layer4 its input in NCHW, and the state dict keeps its names and values."""
+    model.to(memory_format=torch.channels_last)
+    if next(model.parameters()).device.type == "cpu" and not bf16:
+        model.layer4.to(memory_format=torch.contiguous_format)
+        model.layer4.register_forward_pre_hook(_contiguous_input)
+    return model
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
+
+
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum; weight decay on weights only, not on biases and norm scales; on a GPU
     the fused kernel (one launch for the whole update)."""
@@ -662,12 +679,12 @@ def train(args: argparse.Namespace) -> dict:
     if args.pretrained:
         loaded, skipped = load_imagenet_weights(model)
         print(f"--pretrained: {len(loaded)} ImageNet tensors loaded; freshly initialised: {', '.join(skipped)}")
-    model = model.to(device, memory_format=torch.channels_last)  # 10-25% faster training on CPU and GPU
+    bf16 = recipe.bf16 and native_bfloat16(device)  # False under ATEN_CPU_CAPABILITY=avx2 too
+    model = training_layout(model.to(device), bf16)
     optimizer = build_optimizer(model, recipe)
     average = (
         AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema), use_buffers=True) if recipe.ema else None
     )
-    bf16 = recipe.bf16 and native_bfloat16(device)  # False under ATEN_CPU_CAPABILITY=avx2 too
     steps_per_epoch = max(1, len(train_set) // recipe.batch_size)  # drop the last partial batch
     if budget_end is not None:
         progress = Progress(budget_end=budget_end, clock=clock)
