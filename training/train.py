@@ -10,9 +10,9 @@ Presets (the device picks gpu or cpu unless --preset says otherwise):
 
 - ``gpu``: 32x32-stem ResNet18, bf16 autocast, channels_last, data and augmentation on the GPU,
   200 epochs. ``gpu-fast``: the same schedule stretched over a 20 s budget.
-- ``cpu``: the max-pool-stem variant (feature maps from 16x16), batch 32, channels_last, bf16 autocast only
-  where the CPU computes it natively, the first half at 24x24 input (progressive resizing), over a 14.5-minute
-  budget.
+- ``cpu``: the max-pool-stem variant (feature maps from 16x16), batch 32, channels_last (layer4 in NCHW in
+  float32: ``training_layout``), bf16 autocast only where the CPU computes it natively, the first half at
+  24x24 input (progressive resizing), over a 14.5-minute budget.
 
 A time budget runs from start to calibrated checkpoint: the one-cycle schedule (learning rate, momentum,
 input size) is a function of the fraction of the budget used, so training ends when the budget does, on
