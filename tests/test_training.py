@@ -557,22 +557,28 @@ def test_bfloat16_autocast_only_where_native():
     assert native.stdout.strip() == str(native_bfloat16(torch.device("cpu")))
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_training_layout_keeps_layer4_nchw_on_cpu_in_float32_only_and_computes_the_same(bf16):
+@pytest.mark.parametrize(
+    ("variant", "bf16", "nchw_layer4"),
+    [("resnet18_pool", False, True), ("resnet18_pool", True, False), ("resnet18_fast", False, True),
+     ("resnet18_imagenet", False, True), ("resnet18_cifar", False, False)],
+)  # fmt: skip
+def test_training_layout_keeps_small_layer4_maps_nchw_in_float32_on_cpu(variant, bf16, nchw_layer4):
     torch.manual_seed(0)
-    plain = build_model("resnet18_pool", 3).eval()
-    laid = training_layout(build_model("resnet18_pool", 3), bf16).eval()
+    plain = build_model(variant, 3).eval()
+    laid = training_layout(build_model(variant, 3), variant, bf16).eval()
     laid.load_state_dict(plain.state_dict())
     assert list(laid.state_dict()) == list(plain.state_dict())
     weight4, weight1 = laid.layer4[1].conv2.weight, laid.layer1[0].conv1.weight
     assert weight1.is_contiguous(memory_format=torch.channels_last) and not weight1.is_contiguous()
-    assert weight4.is_contiguous() is not bf16
+    assert weight4.is_contiguous() is nchw_layer4
     seen = []
+    laid.layer4.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[-1]))
     laid.layer4.register_forward_hook(lambda module, args, out: seen.append(args[0].is_contiguous()))
     x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(laid(x), plain(x), rtol=1e-4, atol=1e-4)
-    assert seen == [not bf16]  # layer4 got its input in NCHW exactly where its weights are
+    side = {"resnet18_cifar": 8, "resnet18_imagenet": 2}.get(variant, 4)  # layer4's input side; its stride halves it
+    assert seen == [side, nchw_layer4]  # layer4 got its input in NCHW exactly where its weights are
 
 
 # --- --pretrained ----------------------------------------------------------------------------------
