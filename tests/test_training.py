@@ -565,7 +565,7 @@ def test_bfloat16_autocast_only_where_native():
 def test_training_layout_keeps_small_layer4_maps_nchw_in_float32_on_cpu(variant, bf16, nchw_layer4):
     torch.manual_seed(0)
     plain = build_model(variant, 3).eval()
-    laid = training_layout(build_model(variant, 3), variant, bf16).eval()
+    laid = training_layout(build_model(variant, 3), bf16).eval()
     laid.load_state_dict(plain.state_dict())
     assert list(laid.state_dict()) == list(plain.state_dict())
     weight4, weight1 = laid.layer4[1].conv2.weight, laid.layer1[0].conv1.weight

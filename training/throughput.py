@@ -49,7 +49,7 @@ def training_step(variant: str, fmt, size: int, bf16: bool, batch: int):
     torch.manual_seed(0)
     model = build_model(variant, 3).train()
     if fmt == TRAINING:
-        model, fmt = training_layout(model, variant, bf16), torch.channels_last
+        model, fmt = training_layout(model, bf16), torch.channels_last
     else:
         model.to(memory_format=fmt)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)

@@ -326,14 +326,13 @@ def augment(images: torch.Tensor, recipe: Recipe, gen: torch.Generator) -> torch
     return images
 
 
-def layer4_side(variant: str) -> int:
+def layer4_side(model: nn.Module) -> int:
     """The side of layer4's feature maps for a 32x32 input: 32 over the stem's and layers 2-4's strides."""
-    stem = VARIANTS[variant]
-    stem_stride = 4 if stem is None else stem[0] * (2 if stem[1] else 1)  # None: torchvision's stride-2 + max-pool
+    stem_stride = model.conv1.stride[0] * (2 if isinstance(model.maxpool, nn.MaxPool2d) else 1)
     return max(1, IMAGE_SIZE // (stem_stride * 8))
 
 
-def training_layout(model: nn.Module, variant: str, bf16: bool) -> nn.Module:
+def training_layout(model: nn.Module, bf16: bool) -> nn.Module:
     """The memory layout training runs ``model`` in (its weights and activations), in place: channels_last,
     10-25% faster steps on CPU and GPU (training/throughput.py). On CPU in float32, for the variants whose
     layer4 sees maps of 2x2 or less, layer4 alone stays NCHW: there torch's backward of a channels_last
@@ -341,7 +340,7 @@ def training_layout(model: nn.Module, variant: str, bf16: bool) -> nn.Module:
     time at batch 32; NCHW avoids that copy. (On the 4x4 maps of ``resnet18_cifar`` it did not pay.) A
     pre-hook hands layer4 its input in NCHW, and the state dict keeps its names and values."""
     model.to(memory_format=torch.channels_last)
-    if next(model.parameters()).device.type == "cpu" and not bf16 and layer4_side(variant) <= 2:
+    if next(model.parameters()).device.type == "cpu" and not bf16 and layer4_side(model) <= 2:
         model.layer4.to(memory_format=torch.contiguous_format)
         model.layer4.register_forward_pre_hook(_contiguous_input)
     return model
@@ -688,7 +687,7 @@ def train(args: argparse.Namespace) -> dict:
         loaded, skipped = load_imagenet_weights(model)
         print(f"--pretrained: {len(loaded)} ImageNet tensors loaded; freshly initialised: {', '.join(skipped)}")
     bf16 = recipe.bf16 and native_bfloat16(device)  # False under ATEN_CPU_CAPABILITY=avx2 too
-    model = training_layout(model.to(device), recipe.variant, bf16)
+    model = training_layout(model.to(device), bf16)
     optimizer = build_optimizer(model, recipe)
     average = (
         AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema), use_buffers=True) if recipe.ema else None
