@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import torchvision
 from conftest import PYTHON, ROOT, free_ports, run_cli, start_server
 from PIL import Image
 from synthetic import class_images, encode, write_image_folder
+from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cifar3.checkpoint import CheckpointError, ModelMeta, load_checkpoint, save_checkpoint
@@ -37,6 +39,7 @@ from training.train import (
     BestSnapshot,
     Progress,
     Recipe,
+    TwoByTwoConv2d,
     ema_start,
     make_objective,
     one_cycle,
@@ -558,19 +561,23 @@ def test_bfloat16_autocast_only_where_native():
 
 
 @pytest.mark.parametrize(
-    ("variant", "bf16", "nchw_layer4"),
-    [("resnet18_pool", False, True), ("resnet18_pool", True, False), ("resnet18_fast", False, True),
-     ("resnet18_imagenet", False, True), ("resnet18_cifar", False, False)],
+    ("variant", "bf16", "nchw_layer4", "two_by_two"),
+    [("resnet18_pool", False, True, True), ("resnet18_pool", True, False, False), ("resnet18_fast", False, True, True),
+     ("resnet18_imagenet", False, True, False), ("resnet18_cifar", False, False, False)],
 )  # fmt: skip
-def test_training_layout_keeps_small_layer4_maps_nchw_in_float32_on_cpu(variant, bf16, nchw_layer4):
+def test_training_layout_keeps_small_layer4_maps_nchw_in_float32_on_cpu(variant, bf16, nchw_layer4, two_by_two):
     torch.manual_seed(0)
     plain = build_model(variant, 3).eval()
     laid = training_layout(build_model(variant, 3), bf16).eval()
     laid.load_state_dict(plain.state_dict())
-    assert list(laid.state_dict()) == list(plain.state_dict())
-    weight4, weight1 = laid.layer4[1].conv2.weight, laid.layer1[0].conv1.weight
+    for (name, a), b in zip(laid.state_dict().items(), plain.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # same names, same values, whatever the layout
+    conv4, weight1 = laid.layer4[1].conv2, laid.layer1[0].conv1.weight
     assert weight1.is_contiguous(memory_format=torch.channels_last) and not weight1.is_contiguous()
-    assert weight4.is_contiguous() is nchw_layer4
+    # 2x2 maps (resnet18_imagenet's layer4 sees 1x1 ones): tap-major weight, else NCHW exactly where expected
+    assert isinstance(conv4, TwoByTwoConv2d) is two_by_two
+    assert conv4.weight.is_contiguous() is (nchw_layer4 and not two_by_two)
+    assert conv4.weight.permute(2, 3, 1, 0).is_contiguous() is two_by_two
     seen = []
     laid.layer4.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[-1]))
     laid.layer4.register_forward_hook(lambda module, args, out: seen.append(args[0].is_contiguous()))
@@ -579,6 +586,29 @@ def test_training_layout_keeps_small_layer4_maps_nchw_in_float32_on_cpu(variant,
         torch.testing.assert_close(laid(x), plain(x), rtol=1e-4, atol=1e-4)
     side = {"resnet18_cifar": 8, "resnet18_imagenet": 2}.get(variant, 4)  # layer4's input side; its stride halves it
     assert seen == [side, nchw_layer4]  # layer4 got its input in NCHW exactly where its weights are
+    laid.train(), plain.train()
+    laid(x).square().sum().backward(), plain(x).square().sum().backward()
+    for (name, p), q in zip(laid.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-3, msg=name)  # training learns the same
+
+
+@pytest.mark.parametrize("side", [2, 3, 1])
+def test_two_by_two_conv_equals_the_convolution_and_its_gradients(side):
+    """On a 2x2 map the 16 tap products; on other sizes the ordinary convolution it falls back to."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, padding=1, bias=False)
+    fast = copy.deepcopy(conv)
+    assert TwoByTwoConv2d.fits(fast) and not TwoByTwoConv2d.fits(nn.Conv2d(16, 24, 3, stride=2, padding=1))
+    TwoByTwoConv2d.adopt(fast)
+    assert torch.equal(fast.weight, conv.weight) and fast.weight.permute(2, 3, 1, 0).is_contiguous()
+    x = torch.randn(5, 16, side, side, requires_grad=True)
+    out, expected = fast(x), conv(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(expected)
+    torch.testing.assert_close(
+        torch.autograd.grad(out, (x, fast.weight), grad), torch.autograd.grad(expected, (x, conv.weight), grad),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
 
 
 # --- --pretrained ----------------------------------------------------------------------------------

@@ -31,14 +31,17 @@ from cifar3.model import VARIANTS, build_model
 from .train import training_layout
 
 TRAINING = "training"  # the layout training uses (training.train.training_layout)
+NCHW_LAYER4 = "nchw-layer4"  # the same without its 2x2-map convolution (TwoByTwoConv2d)
 # name -> (memory format, input side in pixels, bf16 autocast)
 OPTIONS = {
     "float32, NCHW, 32x32": (torch.contiguous_format, 32, False),
     "float32, channels_last, 32x32": (torch.channels_last, 32, False),
-    "float32, channels_last with NCHW layer4, 32x32": (TRAINING, 32, False),
+    "float32, channels_last with NCHW layer4, 32x32": (NCHW_LAYER4, 32, False),
+    "float32, the same with 2x2-map tap products, 32x32": (TRAINING, 32, False),
     "float32, NCHW, 24x24": (torch.contiguous_format, 24, False),
     "float32, channels_last, 24x24": (torch.channels_last, 24, False),
-    "float32, channels_last with NCHW layer4, 24x24": (TRAINING, 24, False),
+    "float32, channels_last with NCHW layer4, 24x24": (NCHW_LAYER4, 24, False),
+    "float32, the same with 2x2-map tap products, 24x24": (TRAINING, 24, False),
     "bf16 autocast, channels_last, 32x32": (torch.channels_last, 32, True),
     "bf16 autocast, channels_last, 24x24": (torch.channels_last, 24, True),
 }
@@ -48,8 +51,8 @@ def training_step(variant: str, fmt, size: int, bf16: bool, batch: int):
     """A function that runs one full training step of a fresh model in the given layout."""
     torch.manual_seed(0)
     model = build_model(variant, 3).train()
-    if fmt == TRAINING:
-        model, fmt = training_layout(model, bf16), torch.channels_last
+    if fmt in (TRAINING, NCHW_LAYER4):
+        model, fmt = training_layout(model, bf16, two_by_two=fmt == TRAINING), torch.channels_last
     else:
         model.to(memory_format=fmt)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)

@@ -10,9 +10,10 @@ Presets (the device picks gpu or cpu unless --preset says otherwise):
 
 - ``gpu``: 32x32-stem ResNet18, bf16 autocast, channels_last, data and augmentation on the GPU,
   200 epochs. ``gpu-fast``: the same schedule stretched over a 20 s budget.
-- ``cpu``: the max-pool-stem variant (feature maps from 16x16), batch 32, channels_last (layer4 in NCHW in
-  float32: ``training_layout``), bf16 autocast only where the CPU computes it natively, the first half at
-  24x24 input (progressive resizing), over a 14.5-minute budget.
+- ``cpu``: the max-pool-stem variant (feature maps from 16x16), batch 32, channels_last (in float32, layer4
+  in NCHW with its 2x2-map convolutions as tap products: ``training_layout``), bf16 autocast only where
+  the CPU computes it natively, the first half at 24x24 input (progressive resizing), over a 14.5-minute
+  budget.
 
 A time budget runs from start to calibrated checkpoint: the one-cycle schedule (learning rate, momentum,
 input size) is a function of the fraction of the budget used, so training ends when the budget does, on
@@ -332,22 +333,63 @@ def layer4_side(model: nn.Module) -> int:
     return max(1, IMAGE_SIZE // (stem_stride * 8))
 
 
-def training_layout(model: nn.Module, bf16: bool) -> nn.Module:
+def training_layout(model: nn.Module, bf16: bool, two_by_two: bool = True) -> nn.Module:
     """The memory layout training runs ``model`` in (its weights and activations), in place: channels_last,
     10-25% faster steps on CPU and GPU (training/throughput.py). On CPU in float32, for the variants whose
     layer4 sees maps of 2x2 or less, layer4 alone stays NCHW: there torch's backward of a channels_last
     convolution on such small maps copies the 512x512 weight to NCHW on every step, about a tenth of a step's
     time at batch 32; NCHW avoids that copy. (On the 4x4 maps of ``resnet18_cifar`` it did not pay.) A
-    pre-hook hands layer4 its input in NCHW, and the state dict keeps its names and values."""
+    pre-hook hands layer4 its input in NCHW. Where those maps are exactly 2x2, layer4's 3x3 stride-1
+    convolutions also become ``TwoByTwoConv2d`` (unless ``two_by_two`` is False: training/throughput.py times
+    both). The state dict keeps its names and values."""
     model.to(memory_format=torch.channels_last)
     if next(model.parameters()).device.type == "cpu" and not bf16 and layer4_side(model) <= 2:
         model.layer4.to(memory_format=torch.contiguous_format)
         model.layer4.register_forward_pre_hook(_contiguous_input)
+        if two_by_two and layer4_side(model) == 2:
+            for conv in model.layer4.modules():
+                if type(conv) is nn.Conv2d and TwoByTwoConv2d.fits(conv):
+                    TwoByTwoConv2d.adopt(conv)
     return model
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(), *args[1:])
+
+
+class TwoByTwoConv2d(nn.Conv2d):
+    """A 3x3, stride-1, padding-1 convolution that, on a 2x2 map, computes only the 16 products of a kernel
+    tap with a real pixel, as one batched matrix product; the other 20 of the 36 fall on padding. A
+    convolution kernel computes all 36, and on a CPU it spent twice as long per nominal FLOP on layer4's 2x2
+    maps as on layers 1-3's larger ones. The weight is stored tap-major (its memory ordered kernel row,
+    kernel column, input channel, output channel), so that each tap is a contiguous input-by-output matrix
+    with no copy per step. Other map sizes take the ordinary convolution."""
+
+    # For each (output position, input position) pair of a 2x2 map, output-major: the kernel tap between them.
+    PAIR_TAPS = torch.tensor([(iy - oy + 1) * 3 + (ix - ox + 1)
+                              for oy in (0, 1) for ox in (0, 1) for iy in (0, 1) for ix in (0, 1)])  # fmt: skip
+
+    @staticmethod
+    def fits(conv: nn.Conv2d) -> bool:
+        return (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.bias) == (
+            (3, 3), (1, 1), (1, 1), (1, 1), 1, None
+        )  # fmt: skip
+
+    @classmethod
+    def adopt(cls, conv: nn.Conv2d) -> None:
+        """Turn ``conv`` into this class in place, its weight (same Parameter, same values) tap-major."""
+        conv.__class__ = cls
+        conv.weight.data = conv.weight.data.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[-2:] != (2, 2):
+            return super()._conv_forward(x, weight, bias)
+        n, c_in, c_out = x.shape[0], weight.shape[1], weight.shape[0]
+        taps = weight.permute(2, 3, 1, 0).reshape(9, c_in, c_out)  # a view of the tap-major weight
+        pixels = x.permute(2, 3, 0, 1).reshape(4, n, c_in)  # input position, image, channel
+        products = torch.bmm(pixels.repeat(4, 1, 1), taps.index_select(0, self.PAIR_TAPS.to(x.device)))
+        out = products.reshape(4, 4, n, c_out).sum(1)  # each output position sums its four input positions
+        return out.reshape(2, 2, n, c_out).permute(2, 3, 0, 1)
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -476,7 +518,8 @@ class BestSnapshot:
         return self.kept[1] if self.kept else None
 
     def keep(self, model: nn.Module, meta: ModelMeta) -> None:
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # contiguous: training may store a weight in another layout (training_layout); checkpoints hold NCHW
+        state = {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
         self.kept = state, copy.deepcopy(meta)  # one assignment: weights and metadata always match
         self.unsaved = True
 
