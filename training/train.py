@@ -343,10 +343,11 @@ def training_layout(model: nn.Module, bf16: bool, two_by_two: bool = True) -> nn
     convolutions also become ``TwoByTwoConv2d`` (unless ``two_by_two`` is False: training/throughput.py times
     both). The state dict keeps its names and values."""
     model.to(memory_format=torch.channels_last)
-    if next(model.parameters()).device.type == "cpu" and not bf16 and layer4_side(model) <= 2:
+    side = layer4_side(model)
+    if next(model.parameters()).device.type == "cpu" and not bf16 and side <= 2:
         model.layer4.to(memory_format=torch.contiguous_format)
         model.layer4.register_forward_pre_hook(_contiguous_input)
-        if two_by_two and layer4_side(model) == 2:
+        if two_by_two and side == 2:
             for conv in model.layer4.modules():
                 if type(conv) is nn.Conv2d and TwoByTwoConv2d.fits(conv):
                     TwoByTwoConv2d.adopt(conv)
