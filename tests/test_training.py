@@ -39,7 +39,7 @@ from training.train import (
     BestSnapshot,
     Progress,
     Recipe,
-    TwoByTwoConv2d,
+    SmallMapConv2d,
     ema_start,
     make_objective,
     one_cycle,
@@ -561,30 +561,33 @@ def test_bfloat16_autocast_only_where_native():
 
 
 @pytest.mark.parametrize(
-    ("variant", "bf16", "nchw_layer4", "two_by_two"),
+    ("variant", "bf16", "nchw_layer4", "small_maps"),
     [("resnet18_pool", False, True, True), ("resnet18_pool", True, False, False), ("resnet18_fast", False, True, True),
-     ("resnet18_imagenet", False, True, False), ("resnet18_cifar", False, False, False)],
+     ("resnet18_imagenet", False, True, True), ("resnet18_cifar", False, False, False)],
 )  # fmt: skip
-def test_training_layout_keeps_small_layer4_maps_nchw_in_float32_on_cpu(variant, bf16, nchw_layer4, two_by_two):
+@pytest.mark.parametrize("size", [32, 16])
+def test_training_layout_keeps_small_layer4_maps_nchw_in_float32_on_cpu(variant, bf16, nchw_layer4, small_maps, size):
     torch.manual_seed(0)
     plain = build_model(variant, 3).eval()
     laid = training_layout(build_model(variant, 3), bf16).eval()
     laid.load_state_dict(plain.state_dict())
     for (name, a), b in zip(laid.state_dict().items(), plain.state_dict().values(), strict=True):
         assert torch.equal(a, b), name  # same names, same values, whatever the layout
-    conv4, weight1 = laid.layer4[1].conv2, laid.layer1[0].conv1.weight
+    conv3, conv4, weight1 = laid.layer3[1].conv2, laid.layer4[1].conv2, laid.layer1[0].conv1.weight
     assert weight1.is_contiguous(memory_format=torch.channels_last) and not weight1.is_contiguous()
-    # 2x2 maps (resnet18_imagenet's layer4 sees 1x1 ones): tap-major weight, else NCHW exactly where expected
-    assert isinstance(conv4, TwoByTwoConv2d) is two_by_two
-    assert conv4.weight.is_contiguous() is (nchw_layer4 and not two_by_two)
-    assert conv4.weight.permute(2, 3, 1, 0).is_contiguous() is two_by_two
+    # small maps: layer4's weight tap-major and layer3's channels_last, else NCHW exactly where expected
+    assert isinstance(conv4, SmallMapConv2d) is small_maps and isinstance(conv3, SmallMapConv2d) is small_maps
+    assert conv4.weight.is_contiguous() is (nchw_layer4 and not small_maps)
+    assert conv4.weight.permute(2, 3, 1, 0).is_contiguous() is small_maps
+    assert conv3.weight.is_contiguous(memory_format=torch.channels_last)
     seen = []
     laid.layer4.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[-1]))
     laid.layer4.register_forward_hook(lambda module, args, out: seen.append(args[0].is_contiguous()))
-    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, size, size).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(laid(x), plain(x), rtol=1e-4, atol=1e-4)
-    side = {"resnet18_cifar": 8, "resnet18_imagenet": 2}.get(variant, 4)  # layer4's input side; its stride halves it
+    # layer4's input side (its stride halves it)
+    side = {"resnet18_cifar": 8, "resnet18_imagenet": 2}.get(variant, 4) * size // 32
     assert seen == [side, nchw_layer4]  # layer4 got its input in NCHW exactly where its weights are
     laid.train(), plain.train()
     laid(x).square().sum().backward(), plain(x).square().sum().backward()
@@ -592,15 +595,18 @@ def test_training_layout_keeps_small_layer4_maps_nchw_in_float32_on_cpu(variant,
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-3, msg=name)  # training learns the same
 
 
-@pytest.mark.parametrize("side", [2, 3, 1])
-def test_two_by_two_conv_equals_the_convolution_and_its_gradients(side):
-    """On a 2x2 map the 16 tap products; on other sizes the ordinary convolution it falls back to."""
+@pytest.mark.parametrize("tap_major", [True, False])
+@pytest.mark.parametrize("side", [2, 1, 3])
+def test_small_map_conv_equals_the_convolution_and_its_gradients(side, tap_major):
+    """On 2x2 and 1x1 maps the tap products; on other sizes the ordinary convolution it falls back to."""
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 24, 3, padding=1, bias=False)
     fast = copy.deepcopy(conv)
-    assert TwoByTwoConv2d.fits(fast) and not TwoByTwoConv2d.fits(nn.Conv2d(16, 24, 3, stride=2, padding=1))
-    TwoByTwoConv2d.adopt(fast)
-    assert torch.equal(fast.weight, conv.weight) and fast.weight.permute(2, 3, 1, 0).is_contiguous()
+    if not tap_major:
+        fast.to(memory_format=torch.channels_last)
+    assert SmallMapConv2d.fits(fast) and not SmallMapConv2d.fits(nn.Conv2d(16, 24, 3, stride=2, padding=1))
+    SmallMapConv2d.adopt(fast, tap_major)
+    assert torch.equal(fast.weight, conv.weight) and fast.weight.permute(2, 3, 1, 0).is_contiguous() is tap_major
     x = torch.randn(5, 16, side, side, requires_grad=True)
     out, expected = fast(x), conv(x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

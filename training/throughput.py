@@ -31,7 +31,7 @@ from cifar3.model import VARIANTS, build_model
 from .train import training_layout
 
 TRAINING = "training"  # the layout training uses (training.train.training_layout)
-NCHW_LAYER4 = "nchw-layer4"  # the same without its 2x2-map convolution (TwoByTwoConv2d)
+NCHW_LAYER4 = "nchw-layer4"  # the same without its 2x2-map convolution (SmallMapConv2d)
 # name -> (memory format, input side in pixels, bf16 autocast)
 OPTIONS = {
     "float32, NCHW, 32x32": (torch.contiguous_format, 32, False),
@@ -52,7 +52,7 @@ def training_step(variant: str, fmt, size: int, bf16: bool, batch: int):
     torch.manual_seed(0)
     model = build_model(variant, 3).train()
     if fmt in (TRAINING, NCHW_LAYER4):
-        model, fmt = training_layout(model, bf16, two_by_two=fmt == TRAINING), torch.channels_last
+        model, fmt = training_layout(model, bf16, small_maps=fmt == TRAINING), torch.channels_last
     else:
         model.to(memory_format=fmt)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)

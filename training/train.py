@@ -333,24 +333,27 @@ def layer4_side(model: nn.Module) -> int:
     return max(1, IMAGE_SIZE // (stem_stride * 8))
 
 
-def training_layout(model: nn.Module, bf16: bool, two_by_two: bool = True) -> nn.Module:
+def training_layout(model: nn.Module, bf16: bool, small_maps: bool = True) -> nn.Module:
     """The memory layout training runs ``model`` in (its weights and activations), in place: channels_last,
     10-25% faster steps on CPU and GPU (training/throughput.py). On CPU in float32, for the variants whose
     layer4 sees maps of 2x2 or less, layer4 alone stays NCHW: there torch's backward of a channels_last
     convolution on such small maps copies the 512x512 weight to NCHW on every step, about a tenth of a step's
     time at batch 32; NCHW avoids that copy. (On the 4x4 maps of ``resnet18_cifar`` it did not pay.) A
-    pre-hook hands layer4 its input in NCHW. Where those maps are exactly 2x2, layer4's 3x3 stride-1
-    convolutions also become ``TwoByTwoConv2d`` (unless ``two_by_two`` is False: training/throughput.py times
-    both). The state dict keeps its names and values."""
+    pre-hook hands layer4 its input in NCHW. For those variants the 3x3 stride-1 convolutions of layers 3 and
+    4 also become ``SmallMapConv2d`` (unless ``small_maps`` is False: training/throughput.py times both),
+    which computes maps of 2x2 and 1x1 as matrix products: layer4's at 32x32 input, layers 3 and 4's at
+    the 16x16 input of progressive resizing. The state dict keeps its names and values."""
     model.to(memory_format=torch.channels_last)
-    side = layer4_side(model)
-    if next(model.parameters()).device.type == "cpu" and not bf16 and side <= 2:
+    if next(model.parameters()).device.type == "cpu" and not bf16 and layer4_side(model) <= 2:
         model.layer4.to(memory_format=torch.contiguous_format)
         model.layer4.register_forward_pre_hook(_contiguous_input)
-        if two_by_two and side == 2:
-            for conv in model.layer4.modules():
-                if type(conv) is nn.Conv2d and TwoByTwoConv2d.fits(conv):
-                    TwoByTwoConv2d.adopt(conv)
+        if small_maps:
+            # layer4's weights tap-major (its maps are small at every input size); layer3's stay
+            # channels_last, the layout its convolution kernel wants on the 3x3 and 4x4 maps of larger inputs
+            for layer, tap_major in ((model.layer3, False), (model.layer4, True)):
+                for conv in layer.modules():
+                    if type(conv) is nn.Conv2d and SmallMapConv2d.fits(conv):
+                        SmallMapConv2d.adopt(conv, tap_major)
     return model
 
 
@@ -358,13 +361,14 @@ def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(), *args[1:])
 
 
-class TwoByTwoConv2d(nn.Conv2d):
-    """A 3x3, stride-1, padding-1 convolution that, on a 2x2 map, computes only the 16 products of a kernel
-    tap with a real pixel, as one batched matrix product; the other 20 of the 36 fall on padding. A
-    convolution kernel computes all 36, and on a CPU it spent twice as long per nominal FLOP on layer4's 2x2
-    maps as on layers 1-3's larger ones. The weight is stored tap-major (its memory ordered kernel row,
-    kernel column, input channel, output channel), so that each tap is a contiguous input-by-output matrix
-    with no copy per step. Other map sizes take the ordinary convolution."""
+class SmallMapConv2d(nn.Conv2d):
+    """A 3x3, stride-1, padding-1 convolution that computes maps of 2x2 and 1x1 as matrix products of the
+    real pixels with the kernel taps that reach them. On a 2x2 map, 16 of the 36 tap-by-pixel products
+    involve a real pixel, the rest fall on padding; on a 1x1 map only the centre tap does. A convolution
+    kernel computes all of them, and on a CPU it spent twice as long per nominal FLOP on 2x2 maps as on
+    larger ones. Other map sizes take the ordinary convolution. ``adopt(conv, tap_major=True)`` stores the
+    weight tap-major (its memory ordered kernel row, kernel column, input channel, output channel), so that
+    each tap is a contiguous input-by-output matrix, for a convolution that only ever sees small maps."""
 
     # For each (output position, input position) pair of a 2x2 map, output-major: the kernel tap between them.
     PAIR_TAPS = torch.tensor([(iy - oy + 1) * 3 + (ix - ox + 1)
@@ -377,16 +381,20 @@ class TwoByTwoConv2d(nn.Conv2d):
         )  # fmt: skip
 
     @classmethod
-    def adopt(cls, conv: nn.Conv2d) -> None:
-        """Turn ``conv`` into this class in place, its weight (same Parameter, same values) tap-major."""
+    def adopt(cls, conv: nn.Conv2d, tap_major: bool = True) -> None:
+        """Turn ``conv`` into this class in place (same Parameter, same values), its weight tap-major or as
+        it was."""
         conv.__class__ = cls
-        conv.weight.data = conv.weight.data.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+        if tap_major:
+            conv.weight.data = conv.weight.data.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        n, c_in, c_out = x.shape[0], weight.shape[1], weight.shape[0]
+        if x.shape[-2:] == (1, 1):
+            return (x.reshape(n, c_in) @ weight[:, :, 1, 1].t()).reshape(n, c_out, 1, 1)
         if x.shape[-2:] != (2, 2):
             return super()._conv_forward(x, weight, bias)
-        n, c_in, c_out = x.shape[0], weight.shape[1], weight.shape[0]
-        taps = weight.permute(2, 3, 1, 0).reshape(9, c_in, c_out)  # a view of the tap-major weight
+        taps = weight.permute(2, 3, 1, 0).reshape(9, c_in, c_out)  # a view where the weight is tap-major
         pixels = x.permute(2, 3, 0, 1).reshape(4, n, c_in)  # input position, image, channel
         products = torch.bmm(pixels.repeat(4, 1, 1), taps.index_select(0, self.PAIR_TAPS.to(x.device)))
         out = products.reshape(4, 4, n, c_out).sum(1)  # each output position sums its four input positions
