@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from synthetic import class_images, encode, write_image_folder
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from bench.flip_tta import flip_accuracies
 from cifar3.checkpoint import CheckpointError, ModelMeta, load_checkpoint, save_checkpoint
 from cifar3.classes import CIFAR10_CLASSES, DEFAULT_CLASSES, parse_classes
 from cifar3.hardware import AVX2_ENV
@@ -32,8 +34,8 @@ from cifar3.model import VARIANTS, PretrainedWeightsError, build_model, imagenet
 from cifar3.preprocessing import CIFAR10_MEAN, CIFAR10_STD, decode_image, normalize, pil_to_uint8
 from cifar3.unknown import calibrate_confidence
 from training.corruptions import CORRUPTIONS, UPSCALED_SIZE, write_corrupted_folders
-from training.data import DataError, limit_per_class, load_split, resolve_classes, stratified_split
-from training.evaluate import expected_calibration_error
+from training.data import DEFAULT_DATA_ROOT, DataError, limit_per_class, load_split, resolve_classes, stratified_split
+from training.evaluate import expected_calibration_error, validation_split
 from training.train import (
     PHOTO_DEFECTS,
     BestSnapshot,
@@ -932,3 +934,22 @@ def test_photo_defects_touch_about_their_share_and_each_defect_changes_an_image(
         result = defect(smooth.clone(), gen)
         assert result.shape == smooth.shape, name
         assert (result - smooth).abs().mean() > 0.5, name
+
+
+# --- flip test-time augmentation (bench/flip_tta.py) ----------------------------------------------------------
+
+
+def test_flip_tta_scores_the_images_their_mirrors_and_the_average(tiny_checkpoint, tmp_path):
+    model, meta = load_checkpoint(tiny_checkpoint)
+    data = validation_split(meta, DEFAULT_DATA_ROOT)
+    got = flip_accuracies(model, meta, data)
+    mirrored = flip_accuracies(model, meta, dataclasses.replace(data, images=data.images.flip(-1)))
+    # mirroring the images swaps what the images and their mirrors score and leaves the average as it was
+    assert (mirrored["images"], mirrored["mirror images"]) == (got["mirror images"], got["images"])
+    assert mirrored["flip TTA"] == got["flip TTA"]
+    result = run_cli(PYTHON, "-m", "bench.flip_tta", str(tiny_checkpoint), "--report", str(tmp_path / "tta"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "tta.json").read_text())
+    assert [row["n"] for row in report["rows"]] == [len(data)]
+    assert report["rows"][0]["accuracy"] == pytest.approx(got)
+    assert report["mean_gain"] == pytest.approx(got["flip TTA"] - got["images"])
