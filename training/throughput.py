@@ -31,17 +31,19 @@ from cifar3.model import VARIANTS, build_model
 from .train import training_layout
 
 TRAINING = "training"  # the layout training uses (training.train.training_layout)
-NCHW_LAYER4 = "nchw-layer4"  # the same without its 2x2-map convolution (SmallMapConv2d)
+NCHW_LAYER4 = "nchw-layer4"  # the same without its small-map convolutions (SmallMapConv2d)
 # name -> (memory format, input side in pixels, bf16 autocast)
 OPTIONS = {
     "float32, NCHW, 32x32": (torch.contiguous_format, 32, False),
     "float32, channels_last, 32x32": (torch.channels_last, 32, False),
     "float32, channels_last with NCHW layer4, 32x32": (NCHW_LAYER4, 32, False),
-    "float32, the same with 2x2-map tap products, 32x32": (TRAINING, 32, False),
+    "float32, the same with small-map products, 32x32": (TRAINING, 32, False),
     "float32, NCHW, 24x24": (torch.contiguous_format, 24, False),
     "float32, channels_last, 24x24": (torch.channels_last, 24, False),
     "float32, channels_last with NCHW layer4, 24x24": (NCHW_LAYER4, 24, False),
-    "float32, the same with 2x2-map tap products, 24x24": (TRAINING, 24, False),
+    "float32, the same with small-map products, 24x24": (TRAINING, 24, False),
+    "float32, channels_last with NCHW layer4, 16x16": (NCHW_LAYER4, 16, False),
+    "float32, the same with small-map products, 16x16": (TRAINING, 16, False),
     "bf16 autocast, channels_last, 32x32": (torch.channels_last, 32, True),
     "bf16 autocast, channels_last, 24x24": (torch.channels_last, 24, True),
 }
