@@ -17,20 +17,20 @@ from pathlib import Path
 
 import torch
 
-from cifar3.checkpoint import load_checkpoint
+from cifar3.checkpoint import ModelMeta, load_checkpoint
 from cifar3.hardware import describe_machine
 from cifar3.inference import predict_logits
 from training.data import DEFAULT_DATA_ROOT, Dataset
 from training.evaluate import validation_split
 
 
-def flip_accuracies(model: torch.nn.Module, meta, data: Dataset) -> dict[str, float]:
+def flip_accuracies(model: torch.nn.Module, meta: ModelMeta, data: Dataset) -> dict[str, float]:
     """Accuracy on ``data``'s images, on their left-right mirror images, and with both logits averaged."""
     classes = len(meta.classes)
     plain = predict_logits(model, data.images, meta.mean, meta.std)[:, :classes]
     mirrored = predict_logits(model, data.images.flip(-1), meta.mean, meta.std)[:, :classes]
-    right = {"images": plain, "mirror images": mirrored, "flip TTA": (plain + mirrored) / 2}
-    return {name: (logits.argmax(1) == data.labels).float().mean().item() for name, logits in right.items()}
+    scored = {"images": plain, "mirror images": mirrored, "flip TTA": (plain + mirrored) / 2}
+    return {name: (logits.argmax(1) == data.labels).float().mean().item() for name, logits in scored.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
