@@ -541,13 +541,14 @@ def test_weight_average_starts_at_full_size_input_and_follows_each_step(image_fo
 def test_ema_run_validates_and_keeps_the_average_and_logs_the_raw_weights(tmp_path, image_folder):
     out = tmp_path / "ema.pt"
     result = run_cli(PYTHON, "-m", "training.train", "--data", str(image_folder), "--out", str(out), "--limit", "10",
-                     "--batch-size", "8", "--variant", "resnet18_imagenet", "--steps", "9", "--ema", "0.5")  # fmt: skip
+                     "--batch-size", "8", "--variant", "resnet18_imagenet", "--steps", "9", "--ema", "0.5",
+                     "--weight-decay", "0.002")  # fmt: skip
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in out.with_suffix(".log.jsonl").read_text().splitlines()]
     # 3 steps an epoch, averaging from step 5 (half-way at 24x24 input): epochs 2 and 3 validate the average
     assert "raw_val_acc" not in records[0] and all("raw_val_acc" in r for r in records[1:])
     meta = load_checkpoint(out)[1]
-    assert meta.train_config["ema"] == 0.5
+    assert meta.train_config["ema"] == 0.5 and meta.train_config["weight_decay"] == 0.002
     assert meta.val_accuracy == max(r["val_acc"] for r in records)
 
 

@@ -123,8 +123,9 @@ PRESETS = {
 }  # fmt: skip
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 # Recipe fields a command-line option of the same name (--batch-size for batch_size) overrides.
-OVERRIDES = ("variant", "epochs", "batch_size", "lr", "low_res", "low_res_until", "warmup", "crop_padding",
-             "label_smoothing", "unknown_ratio", "unknown_loss", "synthetic_unknowns", "photo", "ema")  # fmt: skip
+OVERRIDES = ("variant", "epochs", "batch_size", "lr", "weight_decay", "low_res", "low_res_until", "warmup",
+             "crop_padding", "label_smoothing", "unknown_ratio", "unknown_loss", "synthetic_unknowns", "photo",
+             "ema")  # fmt: skip
 UNKNOWN_LOSSES = (OTHER_CLASS, "outlier-exposure")
 OUTLIER_EXPOSURE_WEIGHT = 0.5  # Hendrycks et al. 2019's weight of the uniform-target term
 
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, help="override the preset's batch size")
     p.add_argument("--lr", type=float, help="override the preset's peak learning rate")
+    p.add_argument("--weight-decay", type=float, help="override the preset's weight decay (not on biases and norms)")
     p.add_argument(
         "--low-res",
         type=int,
