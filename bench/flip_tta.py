@@ -22,6 +22,7 @@ from cifar3.hardware import describe_machine
 from cifar3.inference import predict_logits
 from training.data import DEFAULT_DATA_ROOT, Dataset
 from training.evaluate import validation_split
+from training.reporting import write_report
 
 
 def flip_accuracies(model: torch.nn.Module, meta: ModelMeta, data: Dataset) -> dict[str, float]:
@@ -50,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": describe_machine(torch.device("cpu")), "date": f"{datetime.now(UTC):%Y-%m-%d}",
               "mean_gain": sum(gains) / len(gains), "rows": rows}  # fmt: skip
     if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.report, report)
     print(json.dumps({"mean_gain": report["mean_gain"]}))
     return 0
 

@@ -25,6 +25,7 @@ from cifar3.inference import predict_logits
 from cifar3.unknown import fit_threshold
 from training.data import DEFAULT_DATA_ROOT
 from training.evaluate import validation_split
+from training.reporting import write_report
 from training.unknowns import rejection_figures, unknown_split
 
 SCORES = {
@@ -57,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
               "scores": results}  # fmt: skip
     print(json.dumps(report, indent=2))
     if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.report, report)
     return 0
 
 

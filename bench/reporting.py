@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from training.reporting import write_report as write_files
 
 
 def write_report(path: Path, report: dict, markdown: str) -> None:
     """Write ``path``.json and ``path``.md (creating the folder) and print the markdown."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    path.with_suffix(".md").write_text(markdown)
+    write_files(path, report, markdown)
     print(markdown)

@@ -36,6 +36,7 @@ from cifar3.unknown import calibrate_confidence
 from training.corruptions import CORRUPTIONS, UPSCALED_SIZE, write_corrupted_folders
 from training.data import DEFAULT_DATA_ROOT, DataError, limit_per_class, load_split, resolve_classes, stratified_split
 from training.evaluate import expected_calibration_error, validation_split
+from training.reporting import report_file, write_report
 from training.train import (
     PHOTO_DEFECTS,
     BestSnapshot,
@@ -700,7 +701,7 @@ def test_corrupted_folders_change_the_pixels_and_keep_the_labels(tmp_path, image
 
 @pytest.mark.cli
 def test_corruptions_cli_evaluates_each_folder_like_evaluate(tmp_path, tiny_checkpoint):
-    report = tmp_path / "report" / "corruptions"
+    report = tmp_path / "report" / "corruptions-0.5"  # a dot in the name stays in the report's file names
     result = run_cli(PYTHON, "-m", "training.corruptions", "--checkpoint", str(tiny_checkpoint), "--out",
                      str(tmp_path / "c"), "--evaluate", str(tiny_checkpoint), "--report", str(report))  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -713,9 +714,9 @@ def test_corruptions_cli_evaluates_each_folder_like_evaluate(tmp_path, tiny_chec
     assert accuracy["blur"] == json.loads(blur.stdout.strip().splitlines()[-1])["accuracy"]
     mean = sum(accuracy[name] for name in CORRUPTIONS) / len(CORRUPTIONS)
     assert accuracy["mean_corrupted"] == pytest.approx(mean, abs=1e-5)
-    table = report.with_suffix(".md").read_text()
+    table = (tmp_path / "report" / "corruptions-0.5.md").read_text()
     assert all(f"| {name} |" in table for name in ["clean", *CORRUPTIONS]) and "mean over corruptions" in table
-    assert json.loads(report.with_suffix(".json").read_text())["n"] == 18
+    assert json.loads((tmp_path / "report" / "corruptions-0.5.json").read_text())["n"] == 18
 
 
 @pytest.mark.cli
@@ -901,15 +902,23 @@ def test_evaluate_validation_split_reproduces_the_selection_accuracy(tmp_path, t
     assert summary["accuracy"] == pytest.approx(meta.val_accuracy, abs=1e-4)
 
 
+def test_report_files_keep_a_dot_in_the_report_name(tmp_path):
+    assert report_file(tmp_path / "lr-0.1", ".json") == tmp_path / "lr-0.1.json"
+    assert report_file(tmp_path / "budget.md", ".json") == tmp_path / "budget.json"  # the same report
+    write_report(tmp_path / "new" / "photo-0.25", {"accuracy": 0.9}, "| table |\n")
+    assert sorted(path.name for path in (tmp_path / "new").iterdir()) == ["photo-0.25.json", "photo-0.25.md"]
+    assert json.loads((tmp_path / "new" / "photo-0.25.json").read_text()) == {"accuracy": 0.9}
+
+
 @pytest.mark.slow
 def test_budget_trains_the_preset_emulated_within_each_scaled_budget(tmp_path, image_folder):
     """training.budget: a probe and one budgeted run per budget, all on torch's AVX2 kernels, one table."""
-    report = tmp_path / "budget"
+    report = tmp_path / "budget-0.6"
     result = run_cli(PYTHON, "-m", "training.budget", "--data", str(image_folder), "--minutes", "0.6",
                      "--probe-seconds", "0.5", "--jobs", "1", "--checkpoints", str(tmp_path),
                      "--report", str(report))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    data = json.loads(report.with_suffix(".json").read_text())
+    data = json.loads((tmp_path / "budget-0.6.json").read_text())
     assert data["probe"]["capability"] == "AVX2" and data["scale"] == pytest.approx(107 / data["probe"]["rate"], 1e-3)
     (run,) = data["runs"]
     assert run["cpu_budget_s"] == pytest.approx((0.6 * 60 - 30) * data["scale"], abs=0.1)
@@ -918,7 +927,7 @@ def test_budget_trains_the_preset_emulated_within_each_scaled_budget(tmp_path, i
     assert summary["cpu_time_s"] >= run["cpu_budget_s"] * 0.5  # the budget was used, not skipped
     assert (tmp_path / "budget-avx2-0.6min.pt").is_file()
     assert "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m training.train" in run["command"]
-    assert "| 0.6 min |" in report.with_suffix(".md").read_text()
+    assert "| 0.6 min |" in (tmp_path / "budget-0.6.md").read_text()
 
 
 def test_photo_defects_touch_about_their_share_and_each_defect_changes_an_image():
@@ -948,9 +957,9 @@ def test_flip_tta_scores_the_images_their_mirrors_and_the_average(tiny_checkpoin
     # mirroring the images swaps what the images and their mirrors score and leaves the average as it was
     assert (mirrored["images"], mirrored["mirror images"]) == (got["mirror images"], got["images"])
     assert mirrored["flip TTA"] == got["flip TTA"]
-    result = run_cli(PYTHON, "-m", "bench.flip_tta", str(tiny_checkpoint), "--report", str(tmp_path / "tta"))
+    result = run_cli(PYTHON, "-m", "bench.flip_tta", str(tiny_checkpoint), "--report", str(tmp_path / "tta-0.1"))
     assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads((tmp_path / "tta.json").read_text())
+    report = json.loads((tmp_path / "tta-0.1.json").read_text())
     assert [row["n"] for row in report["rows"]] == [len(data)]
     assert report["rows"][0]["accuracy"] == pytest.approx(got)
     assert report["mean_gain"] == pytest.approx(got["flip TTA"] - got["images"])

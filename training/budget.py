@@ -28,6 +28,8 @@ from pathlib import Path
 
 from cifar3.hardware import AVX2_ENV
 
+from .reporting import write_report
+
 START_UP_S = 30.0
 # training.* from the repository root, cifar3_training.* installed (pyproject.toml).
 PROBE = (
@@ -130,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "scale": round(scale, 4),
         "runs": sorted(runs, key=lambda r: r["minutes"]),
     }
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.report.with_suffix(".md").write_text(markdown(report))
+    write_report(args.report, report, markdown(report))
     print(markdown(report))
     return 0
 

@@ -34,6 +34,7 @@ from cifar3.engine import load_engine
 from .data import DEFAULT_DATA_ROOT, DataError, Dataset, load_split, resolve_classes, stratified_split
 from .evaluate import evaluate, validation_split
 from .export import export_checkpoint
+from .reporting import report_file, write_report
 
 UPSCALED_SIZE = 256  # pixels: a phone photo's worth of pixels for a 32x32 object, downscaled again on input
 
@@ -240,12 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         from cifar3.hardware import describe_machine
 
         machine = describe_machine(torch.device("cpu"))
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.with_suffix(".md").write_text(render_report(results, data.source, len(data), machine))
         payload = {"data": data.source, "n": len(data), "machine": machine,
                    "date": f"{datetime.now(UTC):%Y-%m-%d}", "results": results}  # fmt: skip
-        args.report.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"report: {args.report.with_suffix('.md')}")
+        write_report(args.report, payload, render_report(results, data.source, len(data), machine))
+        print(f"report: {report_file(args.report, '.md')}")
     print(json.dumps(results))
     return 0
 
