@@ -105,5 +105,6 @@ def normalize(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def eval_transform(images: list[Image.Image], image_size: int, mean, std) -> torch.Tensor:
-    """PIL images -> the normalized float batch; used by evaluation and the handler alike."""
+    """PIL images -> the normalized float batch: pil_to_uint8, then normalize (the handler takes the same two
+    steps image by image, so that a batch never holds full-size photos)."""
     return normalize(torch.stack([pil_to_uint8(im, image_size) for im in images]), mean, std)

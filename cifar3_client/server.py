@@ -36,6 +36,7 @@ from cifar3_client.client import Cifar3Client, ClientError, Config, ca_bundle_fr
 DEFAULT_CONFIG = Path("config.properties")  # relative: the current directory's (see above)
 DEFAULT_RUN_DIR = Path("run")
 DEFAULT_MODEL = "cifar3"
+JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"  # on the command line of TorchServe's Java, and only there
 # ts_log.log lines by which TorchServe 0.12 says a model will not load:
 #   "ModelServer - Failed to load model: cifar3.mar"  (the archive cannot be read: truncated, not a zip;
 #                                                       the model is then not registered at all)
@@ -151,12 +152,17 @@ class Server:
         return {"Authorization": f"Bearer {self.token(api)}"}
 
     def pid(self) -> int | None:
+        """TorchServe's Java process, or None. A pid file that Java left behind (killed, out of memory, a
+        reboot) may name a process that has since taken the pid: it is removed, never signalled."""
         try:
             pid = int(self.pid_file.read_text().strip())
-            os.kill(pid, 0)
-            return pid
         except (OSError, ValueError):
             return None
+        with contextlib.suppress(psutil.Error):  # gone, or another user's: not the server this user started
+            if JAVA_MAIN_CLASS in psutil.Process(pid).cmdline():
+                return pid
+        self.pid_file.unlink(missing_ok=True)
+        return None
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)

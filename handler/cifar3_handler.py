@@ -34,6 +34,7 @@ import binascii
 import json
 import logging
 import os
+import re
 import time
 
 import torch
@@ -43,7 +44,7 @@ from ts.utils.util import PredictionException
 from cifar3.checkpoint import load_checkpoint
 from cifar3.engine import ONNX_FILE, ONNX_FILES, load_engine
 from cifar3.explain import DEFAULT_METHOD, METHODS, check_method
-from cifar3.preprocessing import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, eval_transform
+from cifar3.preprocessing import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, normalize, pil_to_uint8
 from cifar3.timing import StageTimer
 from cifar3.unknown import decision
 
@@ -53,6 +54,17 @@ INPUT_FIELDS = ("data", "file", "body")  # where an image may arrive, in this or
 TARGET_FIELD = "target"  # the class to explain: multipart field or JSON key
 METHOD_FIELD = "method"  # how to explain it (cifar3.explain.METHODS): multipart field or JSON key
 JSON_CONTENT_TYPE = "application/json"
+DATA_URL_PREFIX = re.compile(r"^data:[^,]*;base64,", re.IGNORECASE)  # what a browser's FileReader prepends
+
+
+def base64_image(encoded: str, message: str) -> bytes:
+    """The bytes of base64 as people send it: strict, but a data: URL's prefix and line breaks (base64 without
+    -w0, openssl, encodebytes) are not errors. ImageDecodeError(message) when it is not base64."""
+    encoded = "".join(DATA_URL_PREFIX.sub("", encoded.lstrip(), count=1).split())
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageDecodeError(message) from None
 
 
 def request_image_bytes(request: dict, content_type: str = "") -> bytes:
@@ -65,10 +77,7 @@ def request_image_bytes(request: dict, content_type: str = "") -> bytes:
             encoded = value.get("data")
             if not isinstance(encoded, str):
                 raise ImageDecodeError('JSON body must be {"data": "<base64-encoded image>"}')
-            try:
-                return base64.b64decode(encoded, validate=True)
-            except (binascii.Error, ValueError):
-                raise ImageDecodeError('malformed base64 in the JSON "data" field') from None
+            return base64_image(encoded, 'malformed base64 in the JSON "data" field')
         if isinstance(value, list):
             raise ImageDecodeError('JSON body must be an object {"data": "<base64-encoded image>"}, not a list')
         if isinstance(value, (str, int, float)) and JSON_CONTENT_TYPE in content_type.lower():
@@ -136,10 +145,7 @@ def envelope_image_bytes(item, envelope: str) -> bytes:
             raise ImageDecodeError(f"each v1 instance must be {V1_INSTANCE}")
     if not isinstance(encoded, str):
         raise ImageDecodeError(f"the image must be a base64 string: {V2_INPUT}")
-    try:
-        return base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageDecodeError("malformed base64 image data") from None
+    return base64_image(encoded, "malformed base64 image data")
 
 
 def error_body(message: str, code: int = 400) -> str:
@@ -193,13 +199,15 @@ class Cifar3Handler(BaseHandler):
         images, errors = [], {}
         for idx, request in enumerate(data):
             try:
-                images.append(decode_image(request_image_bytes(request, self._content_type(idx)), self.max_pixels))
+                image = decode_image(request_image_bytes(request, self._content_type(idx)), self.max_pixels)
+                # Shrunk at once: a batch holds model-sized tensors, never several full-size photos at a time.
+                images.append(pil_to_uint8(image, self.meta.image_size))
             except ImageDecodeError as exc:
                 errors[idx] = str(exc)
             except Exception:  # a bug must cost one request, never its whole batch
                 logger.exception("unexpected error decoding request %d", idx)
                 errors[idx] = "the image could not be decoded"
-        batch = eval_transform(images, self.meta.image_size, self.meta.mean, self.meta.std) if images else None
+        batch = normalize(torch.stack(images), self.meta.mean, self.meta.std) if images else None
         return batch, errors
 
     def inference(self, data, *args, **kwargs):
@@ -272,7 +280,8 @@ class Cifar3Handler(BaseHandler):
         images, errors = [], []
         for idx, item in enumerate(items):
             try:
-                images.append(decode_image(envelope_image_bytes(item, envelope), self.max_pixels))
+                image = decode_image(envelope_image_bytes(item, envelope), self.max_pixels)
+                images.append(pil_to_uint8(image, self.meta.image_size))  # shrunk at once, as in preprocess
             except ImageDecodeError as exc:
                 errors.append(f"{kind} {idx}: {exc}")
         if not items:
@@ -284,8 +293,8 @@ class Cifar3Handler(BaseHandler):
             raise PredictionException("; ".join(errors), 400)
         metrics.add_counter("ImagesClassified", len(images))
         stages = StageTimer()
-        with stages("DecodeTime"):  # the images were decoded above; this stage is their resize and normalisation
-            batch = eval_transform(images, self.meta.image_size, self.meta.mean, self.meta.std)
+        with stages("DecodeTime"):  # the images were decoded and resized above; this stage is their normalisation
+            batch = normalize(torch.stack(images), self.meta.mean, self.meta.std)
         with stages("ForwardTime"):
             outputs = self.inference(batch)
         with stages("PostprocessTime"):

@@ -24,7 +24,8 @@ step_started=0
 step() { step_started=$SECONDS; printf '\n==> %s\n' "$*"; }
 done_step() { printf '    done in %ss\n' "$((SECONDS - step_started))"; }
 
-ui_running() { [ -f "$ui_pid" ] && kill -0 "$(cat "$ui_pid")" 2>/dev/null; }
+# A pid file left by a killed UI may name another process by now: only a streamlit one counts.
+ui_running() { [ -f "$ui_pid" ] && ps -o args= -p "$(cat "$ui_pid")" 2>/dev/null | grep -q streamlit; }
 
 if [ "${1:-}" = "stop" ]; then
   if ui_running; then kill "$(cat "$ui_pid")" && echo "stopped the Streamlit UI"; fi

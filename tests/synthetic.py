@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import struct
 import zlib
 from pathlib import Path
 
@@ -79,3 +80,13 @@ def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
 
 def sample_image(name: str = "ship", size: int = 32, seed: int = 7) -> Image.Image:
     return Image.fromarray(class_images(name, 1, seed, size)[0])
+
+
+def png_with_declared_size(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height: a decompression bomb that costs nothing to make."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")

@@ -5,18 +5,16 @@ from __future__ import annotations
 import base64
 import json
 import os
-import struct
 import subprocess
 import sys
 import zipfile
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT
 from PIL import Image
-from synthetic import encode, sample_image
+from synthetic import encode, png_with_declared_size, sample_image
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
@@ -64,16 +62,6 @@ def handle(handler, model_dir, requests: list[dict], headers: list[dict] | None 
     return codes, [json.loads(b) for b in bodies]
 
 
-def png_with_declared_size(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height: a decompression bomb that costs nothing to make."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
 def test_answer_has_every_class_and_probabilities_sum_to_one(handler, model_dir):
     codes, bodies = handle(handler, model_dir, [{"body": encode(sample_image("ship"))}])
     assert codes == [200]
@@ -90,6 +78,8 @@ def test_every_input_form_gives_the_same_answer(handler, model_dir):
         {"data": data},
         {"file": data},
         {"body": {"data": base64.b64encode(data).decode()}},
+        {"body": {"data": base64.encodebytes(data).decode()}},  # line-wrapped, as base64 and openssl write it
+        {"body": {"data": "data:image/jpeg;base64," + base64.b64encode(data).decode()}},  # a browser's data URL
         {"body": bytearray(data)},
     ]
     codes, bodies = handle(handler, model_dir, forms)

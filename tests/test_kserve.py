@@ -129,6 +129,8 @@ def test_layout_script_refuses_what_it_cannot_serve(tmp_path):
         ({"name": "a", "shape": [1], "datatype": "BYTES", "data": "aGVsbG8="}, "kservev2"),  # the envelope took data[0]
         ({"name": "a", "shape": [-1], "datatype": "BYTES", "data": "aGVsbG8="}, "kservev2"),
         ({"data": "aGVsbG8="}, "kserve"),
+        ({"data": "aGVs\nbG8=\n"}, "kserve"),  # line-wrapped
+        ({"data": "data:image/png;base64,aGVsbG8="}, "kserve"),  # a browser's data URL
     ],
 )
 def test_envelope_items_give_the_image_bytes(item, envelope):

@@ -275,3 +275,18 @@ def test_start_failure_names_the_port_in_use(tmp_path, model_store, server):
             srv.start(timeout=120)
     finally:
         srv.stop()
+
+
+def test_a_stale_pid_file_never_stops_another_process(tmp_path, model_store):
+    """Java killed without cleaning up leaves its pid file; the pid may since belong to anything else."""
+    srv = Server(write_server_config(tmp_path, model_store), tmp_path / "run")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        srv.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        srv.pid_file.write_text(str(other.pid))
+        assert srv.pid() is None and not srv.pid_file.exists()  # not TorchServe: the file is removed
+        srv.pid_file.write_text(str(other.pid))
+        assert srv.stop(timeout=1) is False and other.poll() is None  # nothing was running; nothing signalled
+    finally:
+        other.kill()
+        other.wait()

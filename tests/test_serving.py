@@ -13,8 +13,7 @@ import pytest
 import requests
 import torch
 from conftest import MODEL_CONFIG, PYTHON, run_cli
-from synthetic import encode, sample_image
-from test_handler import png_with_declared_size
+from synthetic import encode, png_with_declared_size, sample_image
 
 from cifar3.checkpoint import load_checkpoint
 from cifar3.inference import inference_dtype, predict_logits, prepare_for_inference

@@ -14,7 +14,7 @@ from loopback import LoopbackServer
 from PIL import Image
 from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
-from synthetic import class_images, encode, sample_image
+from synthetic import class_images, encode, png_with_declared_size, sample_image
 
 APP = ROOT / "ui" / "app.py"
 TIMEOUT = 60  # seconds per script run: generous for a loaded 2-core machine
@@ -150,6 +150,16 @@ def test_a_bad_image_shows_the_servers_message(app, server):
     assert not app.exception
     assert [e.value for e in app.error] == [f"the server rejected x.png: {expected}"]
     assert len(charts(app)) == 1 and "1 of 2 image(s) classified" in " ".join(c.value for c in app.main.caption)
+
+
+def test_an_image_too_large_to_preview_still_shows_the_servers_message(app, server):
+    good = encode(sample_image("airplane"), "JPEG")
+    bomb = png_with_declared_size(15_000, 15_000)  # 65 bytes; Pillow refuses to open it here
+    expected = server_answer(server, bomb)["error"]
+    upload(app, ("big.png", bomb), ("plane.jpg", good))
+    assert not app.exception
+    assert [e.value for e in app.error] == [f"the server rejected big.png: {expected}"]
+    assert "no preview" in " ".join(c.value for c in app.main.caption) and len(charts(app)) == 1
 
 
 def test_server_down_is_a_clear_message(point_at, tmp_path):

@@ -142,7 +142,7 @@ def preview(data: bytes, name: str) -> None:
         with Image.open(io.BytesIO(data)) as image:
             image.verify()
         st.image(data, caption=name, width=PREVIEW_WIDTH)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except (Image.DecompressionBombError, UnidentifiedImageError, OSError, ValueError, SyntaxError):
         st.caption(f"{name}: no preview (not an image this page can decode)")
 
 
