@@ -36,7 +36,7 @@ from cifar3.unknown import calibrate_confidence
 from training.corruptions import CORRUPTIONS, UPSCALED_SIZE, write_corrupted_folders
 from training.data import DEFAULT_DATA_ROOT, DataError, limit_per_class, load_split, resolve_classes, stratified_split
 from training.evaluate import expected_calibration_error, validation_split
-from training.reporting import report_file, write_report
+from training.reporting import beside, report_file, write_report
 from training.train import (
     PHOTO_DEFECTS,
     BestSnapshot,
@@ -908,6 +908,9 @@ def test_report_files_keep_a_dot_in_the_report_name(tmp_path):
     write_report(tmp_path / "new" / "photo-0.25", {"accuracy": 0.9}, "| table |\n")
     assert sorted(path.name for path in (tmp_path / "new").iterdir()) == ["photo-0.25.json", "photo-0.25.md"]
     assert json.loads((tmp_path / "new" / "photo-0.25.json").read_text()) == {"accuracy": 0.9}
+    # a checkpoint's own files: its name's .pt replaced, or the suffix appended to a name without it
+    assert beside(tmp_path / "cifar3.pt", ".summary.json") == tmp_path / "cifar3.summary.json"
+    assert beside(tmp_path / "lr-0.1", ".log.jsonl") == tmp_path / "lr-0.1.log.jsonl"
 
 
 @pytest.mark.slow

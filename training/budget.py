@@ -28,7 +28,7 @@ from pathlib import Path
 
 from cifar3.hardware import AVX2_ENV
 
-from .reporting import write_report
+from .reporting import beside, write_report
 
 START_UP_S = 30.0
 # training.* from the repository root, cifar3_training.* installed (pyproject.toml).
@@ -60,8 +60,8 @@ def run(minutes: float, cpu_budget_s: float, args: argparse.Namespace) -> dict:
     done = emulated(command)
     if done.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr.strip()[-2000:]}")
-    summary = json.loads(out.with_suffix(".summary.json").read_text())
-    records = [json.loads(line) for line in out.with_suffix(".log.jsonl").read_text().splitlines() if line]
+    summary = json.loads(beside(out, ".summary.json").read_text())
+    records = [json.loads(line) for line in beside(out, ".log.jsonl").read_text().splitlines() if line]
     return {
         "minutes": minutes,
         "cpu_budget_s": round(cpu_budget_s, 1),

@@ -18,6 +18,14 @@ def report_file(report: Path, suffix: str) -> Path:
     return report.with_name(report.name + suffix)
 
 
+def beside(checkpoint: Path, suffix: str) -> Path:
+    """A file training writes beside its checkpoint: ``suffix`` in place of ``.pt``, or appended to a name
+    without it, so that ``--out run/lr-0.1`` writes ``run/lr-0.1.summary.json``, not ``run/lr-0.summary.json``."""
+    if checkpoint.suffix == ".pt":
+        return checkpoint.with_suffix(suffix)
+    return checkpoint.with_name(checkpoint.name + suffix)
+
+
 def write_report(report: Path, figures: dict, markdown: str | None = None) -> None:
     """Write REPORT.json and, when given, REPORT.md, creating the folder."""
     report.parent.mkdir(parents=True, exist_ok=True)

@@ -70,6 +70,7 @@ from .data import (
     resolve_classes,
     stratified_split,
 )
+from .reporting import beside
 from .unknowns import rejection_figures, synthetic_unknowns, unknown_split
 
 
@@ -780,7 +781,7 @@ def train(args: argparse.Namespace) -> dict:
         unknown={"score": OTHER_CLASS} if with_other_output else {},
     )
     objective = make_objective(recipe, len(classes))
-    log_path, plot_path = args.out.with_suffix(".log.jsonl"), args.out.with_suffix(".curves.png")
+    log_path, plot_path = beside(args.out, ".log.jsonl"), beside(args.out, ".curves.png")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("")
     history: list[dict] = []
@@ -885,7 +886,7 @@ def train(args: argparse.Namespace) -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2 under ATEN_CPU_CAPABILITY=avx2
         "torch": str(torch.__version__),
     }
-    args.out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    beside(args.out, ".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary), flush=True)
     return summary
 
