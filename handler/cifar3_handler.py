@@ -194,14 +194,17 @@ class Cifar3Handler(BaseHandler):
                 return str(value)
         return ""
 
+    def model_sized(self, data: bytes) -> torch.Tensor:
+        """Image bytes -> the uint8 3 x size x size tensor the model's batch stacks, or ImageDecodeError. Shrunk
+        as soon as decoded: a batch holds model-sized tensors, never several full-size photos at a time."""
+        return pil_to_uint8(decode_image(data, self.max_pixels), self.meta.image_size)
+
     def preprocess(self, data):
         """(normalized batch of the good requests or None, {request index: error message})."""
         images, errors = [], {}
         for idx, request in enumerate(data):
             try:
-                image = decode_image(request_image_bytes(request, self._content_type(idx)), self.max_pixels)
-                # Shrunk at once: a batch holds model-sized tensors, never several full-size photos at a time.
-                images.append(pil_to_uint8(image, self.meta.image_size))
+                images.append(self.model_sized(request_image_bytes(request, self._content_type(idx))))
             except ImageDecodeError as exc:
                 errors[idx] = str(exc)
             except Exception:  # a bug must cost one request, never its whole batch
@@ -280,8 +283,7 @@ class Cifar3Handler(BaseHandler):
         images, errors = [], []
         for idx, item in enumerate(items):
             try:
-                image = decode_image(envelope_image_bytes(item, envelope), self.max_pixels)
-                images.append(pil_to_uint8(image, self.meta.image_size))  # shrunk at once, as in preprocess
+                images.append(self.model_sized(envelope_image_bytes(item, envelope)))
             except ImageDecodeError as exc:
                 errors.append(f"{kind} {idx}: {exc}")
         if not items:

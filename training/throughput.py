@@ -28,7 +28,7 @@ from cifar3.hardware import describe_machine
 from cifar3.inference import native_bfloat16
 from cifar3.model import VARIANTS, build_model
 
-from .reporting import report_file
+from .reporting import report_file, write_report
 from .train import training_layout
 
 TRAINING = "training"  # the layout training uses (training.train.training_layout)
@@ -137,9 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         kept = json.loads(path.read_text())["rows"] if path.is_file() else []
         ours = (args.variant, capability, args.batch_size)
         kept = [r for r in kept if (r["variant"], r["capability"], r.get("batch", 128)) != ours] + rows
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"rows": kept}, indent=2) + "\n")
-        report_file(args.report, ".md").write_text(render(kept))
+        write_report(args.report, {"rows": kept}, render(kept))
     print(json.dumps(rows))
     return 0
 
