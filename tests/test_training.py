@@ -43,7 +43,9 @@ from training.train import (
     Progress,
     Recipe,
     SmallMapConv2d,
+    augment,
     ema_start,
+    epoch_flips,
     make_objective,
     one_cycle,
     photo_defects,
@@ -512,6 +514,21 @@ def test_progressive_resizing_trains_small_inputs_first(image_folder):
     seen = train_epoch(model, optimizer, progress, data.images[:40], data.labels[:40], recipe, gen, mean, std,
                        False, "test", make_objective(recipe, 3))[2]  # fmt: skip
     assert sizes == [24, 24, 32, 32] and seen == 40 and progress.done
+
+
+def test_alternating_flip_shows_each_image_both_ways_in_every_two_epochs():
+    """augment flips exactly the known images it is told to (unknown ones after them at random), and
+    epoch_flips gives each image the other orientation in the next epoch and the same one two epochs on."""
+    recipe = Recipe("resnet18_fast", epochs=1, batch_size=8, lr=0.05, weight_decay=0, label_smoothing=0,
+                    crop_padding=0, cutout=0, warmup=0.25)  # fmt: skip
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    first = torch.tensor([True, False, True, True, False, False])  # the first 6 are known, 2 unknown
+    out = augment(images, recipe, torch.Generator().manual_seed(0), first)
+    for i, flipped in enumerate(first.tolist()):
+        assert torch.equal(out[i], images[i].flip(2) if flipped else images[i])
+    assert all(torch.equal(out[i], images[i]) or torch.equal(out[i], images[i].flip(2)) for i in (6, 7))
+    assert torch.equal(epoch_flips(first, 1), first) and torch.equal(epoch_flips(first, 3), first)
+    assert torch.equal(epoch_flips(first, 2), ~first) and torch.equal(epoch_flips(first, 4), ~first)
 
 
 def test_weight_average_starts_at_full_size_input_and_follows_each_step(image_folder):

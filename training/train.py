@@ -101,6 +101,9 @@ class Recipe:
     # input reaches full size (progressive resizing) or half-way: its decay, 0 = off. With it, validation, the
     # best-epoch checkpoint and calibration use the average; the log also gives the raw weights' accuracy.
     ema: float = 0.0
+    # Horizontal flip: random in the first epoch, then each image flipped exactly when it was not in the epoch
+    # before (Jordan 2024, airbench): every pair of epochs sees both orientations of every image.
+    alternating_flip: bool = False
 
 
 # Hyperparameters of the recipes; docs/training.md says what each reached, where.
@@ -126,7 +129,7 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 # Recipe fields a command-line option of the same name (--batch-size for batch_size) overrides.
 OVERRIDES = ("variant", "epochs", "batch_size", "lr", "weight_decay", "low_res", "low_res_until", "warmup",
              "crop_padding", "label_smoothing", "unknown_ratio", "unknown_loss", "synthetic_unknowns", "photo",
-             "ema")  # fmt: skip
+             "ema", "alternating_flip")  # fmt: skip
 UNKNOWN_LOSSES = (OTHER_CLASS, "outlier-exposure")
 OUTLIER_EXPOSURE_WEIGHT = 0.5  # Hendrycks et al. 2019's weight of the uniform-target term
 
@@ -225,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", type=float, metavar="DECAY",
                    help="keep an exponential moving average of the weights with this decay per step (from full-size "
                         "input on) and validate, keep and calibrate it (0 = off)")  # fmt: skip
+    p.add_argument(
+        "--alternating-flip",
+        action=argparse.BooleanOptionalAction,
+        help="flip each training image in every other epoch (random in the first) instead of at random",
+    )
     p.add_argument("--limit", type=int, help="use at most N training images per class (quick runs)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="stratified validation split")
     p.add_argument("--seed", type=int, default=0)
@@ -302,9 +310,12 @@ def photo_defects(images: torch.Tensor, share: float, gen: torch.Generator) -> t
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-def augment(images: torch.Tensor, recipe: Recipe, gen: torch.Generator) -> torch.Tensor:
-    """Batched on the data's device: random reflect-padded crop, horizontal flip, optional cutout, then the
-    recipe's share of photo defects (unknown images get them too: a defect must not decide known or unknown)."""
+def augment(
+    images: torch.Tensor, recipe: Recipe, gen: torch.Generator, flip: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Batched on the data's device: random reflect-padded crop, horizontal flip (``flip`` says which of the
+    first ``len(flip)`` images; the rest at random), optional cutout, then the recipe's share of photo defects
+    (unknown images get them too: a defect must not decide known or unknown)."""
     n, _, h, w = images.shape
     dev = images.device  # gen lives there too: no host-to-device copy, no sync per batch
     pad = recipe.crop_padding
@@ -316,7 +327,8 @@ def augment(images: torch.Tensor, recipe: Recipe, gen: torch.Generator) -> torch
         images = padded.gather(2, rows)
         cols = (dx.view(n, 1) + torch.arange(w, device=dev)).view(n, 1, 1, w).expand(n, 3, h, w)
         images = images.gather(3, cols)
-    flip = torch.rand(n, generator=gen, device=dev) < 0.5
+    drawn = torch.rand(n, generator=gen, device=dev) < 0.5
+    flip = drawn if flip is None else torch.cat([flip, drawn[len(flip) :]])
     images = torch.where(flip.view(n, 1, 1, 1), images.flip(3), images)
     if recipe.cutout:
         half = recipe.cutout // 2
@@ -446,12 +458,13 @@ def train_step(
     std: torch.Tensor,
     size: int,
     bf16: bool,
+    flip: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a uint8 batch (the known images, labelled by ``targets``, then any unknown ones),
     augmented and normalized on its device, resized to ``size`` (antialiased: what a smaller photo of the same
     object looks like), channels_last, under bf16 autocast if ``bf16``: (loss, the known images' logits), both
-    still on the device (reading them would wait for a GPU)."""
-    inputs = normalize(augment(images, recipe, gen), mean, std)
+    still on the device (reading them would wait for a GPU). ``flip``: which known images to flip (else random)."""
+    inputs = normalize(augment(images, recipe, gen, flip), mean, std)
     if size != inputs.shape[-1]:
         inputs = nn.functional.interpolate(inputs, size=(size, size), mode="bilinear", antialias=True)
     inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -559,6 +572,7 @@ def train_epoch(
     objective,
     unknown: torch.Tensor | None = None,
     average: AveragedModel | None = None,
+    flips: torch.Tensor | None = None,
 ) -> tuple[float, float, int]:
     """One pass over the shuffled training images (the last partial batch dropped), augmented on their
     device, stopping early when ``progress`` reaches 1: (mean loss, accuracy, images seen). Each step first
@@ -566,7 +580,8 @@ def train_epoch(
     GPU except every 10th step on a time budget (so that the clock measures work done, not work queued):
     losses and hits are summed on the device and read once at the end. With ``unknown`` images, each batch
     adds ``recipe.unknown_ratio`` of them per known image, drawn at random. ``average`` (the recipe's ``ema``)
-    takes in the weights after every step from ``ema_start(recipe)`` on."""
+    takes in the weights after every step from ``ema_start(recipe)`` on. ``flips``: which of ``images`` this
+    epoch flips (``recipe.alternating_flip``), else each is flipped at random."""
     device = images.device
     model.train()
     unknown_per_batch = round(recipe.batch_size * recipe.unknown_ratio) if unknown is not None else 0
@@ -590,7 +605,10 @@ def train_epoch(
         if unknown_per_batch:
             drawn = torch.randint(0, len(unknown), (unknown_per_batch,), generator=gen, device=device)
             batch = torch.cat([batch, unknown[drawn]])
-        loss, outputs = train_step(model, optimizer, objective, batch, targets, recipe, gen, mean, std, size, bf16)
+        flip = flips[idx] if flips is not None else None
+        loss, outputs = train_step(
+            model, optimizer, objective, batch, targets, recipe, gen, mean, std, size, bf16, flip
+        )  # fmt: skip
         if average is not None and done >= ema_start(recipe):
             average.update_parameters(model)
         progress.step += 1
@@ -600,6 +618,12 @@ def train_epoch(
     if device.type == "cuda":
         torch.cuda.synchronize()  # the steps above were only queued
     return loss_sum.item() / max(1, seen), correct.item() / max(1, seen), seen
+
+
+def epoch_flips(first: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Which images epoch ``epoch`` (from 1) flips under ``alternating_flip``: ``first`` in odd epochs, the
+    others in even ones."""
+    return first ^ (epoch % 2 == 0)
 
 
 def ema_start(recipe: Recipe) -> float:
@@ -748,6 +772,7 @@ def train(args: argparse.Namespace) -> dict:
         AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema), use_buffers=True) if recipe.ema else None
     )
     steps_per_epoch = max(1, len(train_set) // recipe.batch_size)  # drop the last partial batch
+    first_flips = torch.rand(len(train_images), generator=gen, device=device) < 0.5 if recipe.alternating_flip else None
     if budget_end is not None:
         progress = Progress(budget_end=budget_end, clock=clock)
         planned = f"as many steps as fit in a {recipe.time_budget_s:.0f} s budget ({args.budget_clock} clock)"
@@ -795,6 +820,7 @@ def train(args: argparse.Namespace) -> dict:
             train_loss, train_acc, seen = train_epoch(
                 model, optimizer, progress, train_images, train_labels, recipe, gen, mean_t, std_t, bf16,
                 f"epoch {epoch}", objective, unknown_images, average,
+                None if first_flips is None else epoch_flips(first_flips, epoch),
             )  # fmt: skip
             if not seen:  # the budget ran out between the check above and the first step
                 epoch -= 1
