@@ -46,6 +46,7 @@ from training.train import (
     augment,
     ema_start,
     epoch_flips,
+    epoch_sample,
     make_objective,
     one_cycle,
     photo_defects,
@@ -399,7 +400,10 @@ def test_train_cli_smoke_writes_checkpoint_log_and_curves(tiny_checkpoint):
     assert meta.confidence_map == [] or meta.confidence_map[0] > 0
     assert meta.train_config["epochs"] == 4 and meta.train_config["preset"] == "cpu"
     records = [json.loads(line) for line in tiny_checkpoint.with_suffix(".log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    # 162 training images: 4 epochs of 5 steps planned; loss-ranked sampling spreads the 20 steps over more,
+    # shorter epochs after the first
+    assert [r["epoch"] for r in records] == list(range(1, len(records) + 1)) and len(records) > 4
+    assert records[0]["steps"] == 5 and records[-1]["steps"] == 20
     assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "images_per_s"} <= set(records[0])
     assert Image.open(tiny_checkpoint.with_suffix(".curves.png")).size[0] > 200
 
@@ -460,7 +464,7 @@ def test_steps_replays_a_schedule_without_the_clock(tmp_path, image_folder):
     assert result.returncode == 0, result.stderr
     assert "training 5 steps (2 epochs)" in result.stdout  # 27 training images: 3 full batches per epoch
     records = [json.loads(line) for line in out.with_suffix(".log.jsonl").read_text().splitlines()]
-    assert [r["steps"] for r in records] == [3, 5]
+    assert records[0]["steps"] == 3 and records[-1]["steps"] == 5  # later epochs: loss-ranked sampling
     assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 5
     # trained on its classes alone: the post-hoc energy score, its threshold accepting 95% of the validation images
     unknown = load_checkpoint(out)[1].unknown
@@ -529,6 +533,38 @@ def test_alternating_flip_shows_each_image_both_ways_in_every_two_epochs():
     assert all(torch.equal(out[i], images[i]) or torch.equal(out[i], images[i].flip(2)) for i in (6, 7))
     assert torch.equal(epoch_flips(first, 1), first) and torch.equal(epoch_flips(first, 3), first)
     assert torch.equal(epoch_flips(first, 2), ~first) and torch.equal(epoch_flips(first, 4), ~first)
+
+
+def test_loss_ranked_sampling_keeps_hard_and_untrained_images_and_records_each_loss(image_folder):
+    """epoch_sample keeps an image with a probability rising from easy_keep (lowest last loss) to 1 (highest),
+    and always one not yet trained; train_epoch trains only the drawn images and records their losses."""
+    loss = torch.cat([torch.arange(1000.0), torch.full((10,), torch.inf)])
+    gen = torch.Generator().manual_seed(0)
+    kept = torch.stack([epoch_sample(loss, 0.2, gen) for _ in range(200)]).float().mean(0)
+    assert kept[1000:].eq(1).all()
+    assert kept[:100].mean() == pytest.approx(0.24, abs=0.02) and kept[900:1000].mean() == pytest.approx(0.95, abs=0.02)
+    assert epoch_sample(loss, 1.0, gen).all()
+    recipe = Recipe("resnet18_fast", epochs=1, batch_size=10, lr=0.05, weight_decay=0, label_smoothing=0,
+                    crop_padding=4, cutout=0, warmup=0.25, easy_keep=0.1)  # fmt: skip
+    data = load_split(str(image_folder), CLASSES, "train")
+    model = build_model("resnet18_fast", 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    mean, std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
+    last_loss = torch.full((40,), torch.inf)
+    args = (data.images[:40], data.labels[:40], recipe, gen, mean, std, False, "test", make_objective(recipe, 3))
+    assert train_epoch(model, optimizer, Progress(steps=100), *args, last_loss=last_loss)[2] == 40
+    assert last_loss.isfinite().all() and last_loss.gt(0).all()
+    last_loss[:20], last_loss[20:] = 0.0, torch.inf  # 10-54% of the first 20 are drawn, all of the others
+    seen = [train_epoch(model, optimizer, Progress(steps=100), *args, last_loss=last_loss.clone())[2] for _ in range(4)]
+    assert all(n in (20, 30) for n in seen)  # whole batches of 10
+
+
+def test_easy_keep_outside_its_range_is_a_cli_error(tmp_path, capsys):
+    from training.train import main
+
+    for value in ("0", "1.5"):
+        assert main(["--data", str(tmp_path), "--out", str(tmp_path / "x.pt"), "--easy-keep", value]) == 2
+        assert capsys.readouterr().err == "error: --easy-keep must be in (0, 1]\n"
 
 
 def test_weight_average_starts_at_full_size_input_and_follows_each_step(image_folder):
