@@ -126,8 +126,8 @@ PRESETS = {
     # so that with interpreter start-up the whole command stays within 15. A quarter of the images get a photo
     # defect: at equal steps that kept clean accuracy and lifted accuracy on corrupted copies from 0.90x to 0.95x
     # of clean (docs/training.md, "Robustness to ordinary photo variation"). Loss-ranked sampling (easy_keep
-    # 0.3) spends the steps on the images still gotten wrong: at equal time it beat every image in every epoch
-    # on each seed screened (docs/training.md, "Known images only").
+    # 0.3) spends the steps on the images still gotten wrong: at equal time it scored 0.64 points more than
+    # every image in every epoch, on average over seven seeds (docs/training.md, "Known images only").
     "cpu": Recipe("resnet18_pool", epochs=8, batch_size=32, lr=0.05, weight_decay=5e-4,
                   label_smoothing=0.1, crop_padding=4, cutout=0, warmup=0.25, time_budget_s=870,
                   low_res=24, low_res_until=0.5, photo=0.25, easy_keep=0.3),
@@ -585,9 +585,10 @@ def train_epoch(
     flips: torch.Tensor | None = None,
     last_loss: torch.Tensor | None = None,
 ) -> tuple[float, float, int]:
-    """One pass over the shuffled training images (the last partial batch dropped), augmented on their
-    device, stopping early when ``progress`` reaches 1: (mean loss, accuracy, images seen). Each step first
-    sets the learning rate, momentum and input size for the current progress. Nothing in the loop waits for a
+    """One pass over the shuffled training images (with ``last_loss``, over those ``epoch_sample`` draws; the
+    last partial batch dropped), augmented on their device, stopping early when ``progress`` reaches 1: (mean
+    loss, accuracy, images seen). Each step first sets the learning rate, momentum and input size for the
+    current progress. Nothing in the loop waits for a
     GPU except every 10th step on a time budget (so that the clock measures work done, not work queued):
     losses and hits are summed on the device and read once at the end. With ``unknown`` images, each batch
     adds ``recipe.unknown_ratio`` of them per known image, drawn at random. ``average`` (the recipe's ``ema``)
