@@ -40,6 +40,10 @@ class ModelMeta:
     # How answers decide "unknown" (cifar3/unknown.py): score, threshold and the validation figures behind it.
     # Empty in checkpoints written before unknown images were handled: they load and answer the post-hoc score.
     unknown: dict = field(default_factory=dict)
+    # Test-time flip: answers average the logits of the image and of its mirror image (two forward passes'
+    # compute, in one batch); the temperature, confidence map and threshold above are fitted on those averages.
+    # False in checkpoints written before it existed: one view, as they were calibrated.
+    test_flip: bool = False
 
     @property
     def num_outputs(self) -> int:

@@ -12,6 +12,9 @@ Engines (``handler.engine`` in model-config.yaml, ``training.evaluate --engine``
   archive time), run the same way; opt-in, never chosen by ``auto`` (docs/performance.md has its accuracy);
 - ``auto``: the fastest of them for the hardware, decided by ``choose_engine`` below and nowhere else.
 
+A checkpoint with ``ModelMeta.test_flip`` is answered by every engine alike: the logits of each image and of
+its mirror image, averaged (cifar3/inference.py, flip_averaged).
+
 Whoever serves, evaluates or measures calls ``load_engine``, so they run the same engine, dtype and
 threads; ``Engine.describe()`` says which (the describe API reports it).
 """
@@ -31,6 +34,7 @@ from cifar3.inference import (
     DTYPES,
     as_model_input,
     dtype_name,
+    flip_averaged,
     inference_dtype,
     native_bfloat16,
     prepare_for_inference,
@@ -78,13 +82,20 @@ def choose_engine(requested: str, device: torch.device, dtype: str = "auto") -> 
 
 
 class Engine:
-    """Normalized float32 N x 3 x H x W batch -> float32 logits on CPU, N x outputs (ModelMeta.num_outputs)."""
+    """Normalized float32 N x 3 x H x W batch -> float32 logits on CPU, N x outputs (ModelMeta.num_outputs).
+    With ``test_flip`` (set by load_engine from the checkpoint's ModelMeta.test_flip), every engine averages
+    them with the mirror images' logits, one runtime call at twice the batch."""
 
     name: str
     dtype: torch.dtype
     device: torch.device
+    test_flip: bool = False
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return flip_averaged(self.logits, batch) if self.test_flip else self.logits(batch)
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """The runtime's logits for the batch as it is."""
         raise NotImplementedError
 
     @property
@@ -93,7 +104,7 @@ class Engine:
 
     def describe(self) -> dict:
         return {"engine": self.name, "dtype": dtype_name(self.dtype), "threads": self.threads,
-                "device": str(self.device)}  # fmt: skip
+                "device": str(self.device), "test_flip": self.test_flip}  # fmt: skip
 
 
 class TorchEngine(Engine):
@@ -105,7 +116,7 @@ class TorchEngine(Engine):
         self.device = next(self.model.parameters()).device
 
     @torch.inference_mode()
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
         return self.model(as_model_input(batch, self.model)).float().cpu()
 
     @property
@@ -130,7 +141,7 @@ class OnnxRuntimeEngine(Engine):
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
         inputs = {ONNX_INPUT: batch.detach().to("cpu", torch.float32).contiguous().numpy()}
         return torch.from_numpy(self.session.run([ONNX_OUTPUT], inputs)[0])
 
@@ -163,6 +174,12 @@ def load_engine(
     if threads:
         torch.set_num_threads(int(threads))
     model, meta = load_checkpoint(checkpoint, device)
+    built = _build_engine(checkpoint, model, engine, device, dtype, threads, onnx_path, exporter)
+    built.test_flip = meta.test_flip  # the checkpoint was calibrated on what it answers
+    return built, meta
+
+
+def _build_engine(checkpoint, model, engine, device, dtype, threads, onnx_path, exporter) -> Engine:
     choice = choose_engine(engine, device, dtype)
     if choice.engine == "onnxruntime-int8" and onnx_path is None:
         raise ValueError(f"engine onnxruntime-int8 runs an archive's quantized model ({ONNX_INT8_FILE}, written by "
@@ -170,17 +187,17 @@ def load_engine(
     if choice.engine in ONNX_FILES:
         try:
             if onnx_path is not None:
-                return OnnxRuntimeEngine(onnx_path, threads, int8=choice.engine == "onnxruntime-int8"), meta
+                return OnnxRuntimeEngine(onnx_path, threads, int8=choice.engine == "onnxruntime-int8")
             if exporter is None:
                 raise FileNotFoundError("no exported model (onnx_path) and no exporter to write one")
             with tempfile.TemporaryDirectory(prefix="cifar3-onnx-") as folder:
                 exported = exporter(checkpoint, Path(folder) / "cifar3.onnx")
-                return OnnxRuntimeEngine(exported, threads), meta  # the session holds the graph in memory
+                return OnnxRuntimeEngine(exported, threads)  # the session holds the graph in memory
         except Exception as exc:  # whatever stops ONNX Runtime must not leave a dead worker
             choice = choose_engine("torch", device, dtype if dtype in ("auto", *DTYPES) else "auto")
             logger.warning("engine %s: onnxruntime cannot run here (%s); running torch %s instead",
                            engine, exc, dtype_name(choice.dtype))  # fmt: skip
-    return TorchEngine(model, choice.dtype), meta
+    return TorchEngine(model, choice.dtype)
 
 
 def predict_scores(

@@ -22,6 +22,11 @@ The methods are captum's (the library TorchServe's own vision handlers use), in 
   from the mean-colour image to the image; per pixel, summed over colour channels. The attributions add up to
   the probability the image gained over the mean-colour image, so a pixel's value says what removing it costs.
 
+A checkpoint that answers with test-time flip (``ModelMeta.test_flip``) is explained as it answers: every
+method differentiates or perturbs the logits averaged over the image and its mirror image. The layer methods
+add the two views' maps, the mirror image's mirrored back: each view's activations get the gradient of the
+averaged logit, which is half of its own.
+
 Gradient methods explain the class's logit (its probability saturates at 1 for confident images and its
 gradient vanishes); perturbation and path methods explain the calibrated probability, which they never
 differentiate at one point only. Which method serves by default, and why: docs/explanations.md, from
@@ -34,6 +39,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+
+from cifar3.inference import flip_averaged
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # torchvision ResNet's residual stages, input to output
 OCCLUSION_WINDOW, OCCLUSION_STRIDE = 8, 4  # pixels; 7 x 7 = 49 masked copies of a 32 x 32 image
@@ -91,6 +98,8 @@ class Explainer:
 
     ``probs``: normalized batch -> calibrated N x C class probabilities (``meta.scores(...)[0]``). Perturbation
     methods run only this, so it may be the serving engine; the others differentiate it or the model.
+    ``test_flip``: the model answers with the logits of the image and its mirror image averaged (``probs``
+    does too), so the gradient methods differentiate that average.
     """
 
     def __init__(
@@ -100,8 +109,10 @@ class Explainer:
         num_classes: int,
         method: str,
         probs: Callable[[torch.Tensor], torch.Tensor],
+        test_flip: bool = False,
     ):
         self.model = model.float().eval().requires_grad_(False)  # gradients flow to activations and inputs only
+        self.test_flip = test_flip
         self.image_size, self.num_classes, self.method = image_size, num_classes, check_method(method)
         self.probs = probs
         self.layer = method.removeprefix("grad-cam-") if method.startswith("grad-cam-") else None
@@ -132,13 +143,21 @@ class Explainer:
         with torch.enable_grad():  # the handler's other paths run under inference_mode
             if self.layer:
                 kind = LayerGradCam if self.method.startswith("grad-cam-") else LayerGradientXActivation
-                layer_maps = kind(self.model, self.model.get_submodule(self.layer)).attribute(batch, target=targets)
-                if kind is LayerGradientXActivation:
-                    layer_maps = layer_maps.sum(1, keepdim=True)
-                return scaled(LayerAttribution.interpolate(layer_maps.detach(), size, "bilinear")[:, 0])
+                attribution = kind(self.model, self.model.get_submodule(self.layer))
+
+                def pixel_maps(views: torch.Tensor) -> torch.Tensor:
+                    layer_maps = attribution.attribute(views, target=targets)
+                    if kind is LayerGradientXActivation:
+                        layer_maps = layer_maps.sum(1, keepdim=True)
+                    return LayerAttribution.interpolate(layer_maps.detach(), size, "bilinear")[:, 0]
+
+                maps = pixel_maps(batch)
+                if self.test_flip:
+                    maps = (maps + pixel_maps(batch.flip(-1)).flip(-1)) / 2
+                return scaled(maps)
             if self.method == "input-x-gradient":
                 return scaled(
-                    InputXGradient(self.model).attribute(batch.clone().requires_grad_(), target=targets).sum(1)
+                    InputXGradient(self.forward).attribute(batch.clone().requires_grad_(), target=targets).sum(1)
                 )
             if self.method == "integrated-gradients":
                 ig = IntegratedGradients(self.probs)
@@ -162,9 +181,14 @@ class Explainer:
                 )
         return scaled(attributions[:, 0])  # every channel of a pixel was removed together: one value per pixel
 
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """The logits the checkpoint answers with, differentiable: the model's, or with test-time flip the
+        average over the image and its mirror image."""
+        return flip_averaged(self.model, batch) if self.test_flip else self.model(batch)
+
     def describe(self) -> dict:
         """What every explanation says about how it was made."""
-        about = {"method": self.method, "grid": self.image_size}
+        about = {"method": self.method, "grid": self.image_size, "test_flip": self.test_flip}
         if self.layer:
             about |= {"layer": self.layer, "layer_grid": self.grid}
         elif self.method == "occlusion":
@@ -178,11 +202,16 @@ class Explainer:
 
 def build_explainer(model: nn.Module, meta, method: str, engine: Callable | None = None) -> Explainer:
     """An Explainer for a checkpoint's float32 ``model`` and ``meta``. ``engine`` (normalized batch -> logits,
-    e.g. the serving engine) runs the perturbation methods' masked copies; default: the model itself."""
+    e.g. the serving engine, which averages the flips itself where the checkpoint says so) runs the
+    perturbation methods' masked copies; default: the model itself."""
     model = model.float().eval()
-    run = engine or model
+
+    def logits(batch: torch.Tensor) -> torch.Tensor:
+        if engine is not None and method in ("occlusion", "feature-ablation"):
+            return engine(batch)
+        return flip_averaged(model, batch) if meta.test_flip else model(batch)
 
     def probs(batch: torch.Tensor) -> torch.Tensor:
-        return meta.scores(run(batch) if method in ("occlusion", "feature-ablation") else model(batch))[0]
+        return meta.scores(logits(batch))[0]
 
-    return Explainer(model, meta.image_size, len(meta.classes), method, probs)
+    return Explainer(model, meta.image_size, len(meta.classes), method, probs, meta.test_flip)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
@@ -72,18 +74,32 @@ def as_model_input(batch: torch.Tensor, model: nn.Module) -> torch.Tensor:
     return batch.to(weight.device, weight.dtype, non_blocking=True).contiguous(memory_format=fmt)
 
 
+def flip_averaged(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
+    """Test-time flip (``ModelMeta.test_flip``): ``forward``'s float32 logits for a normalized batch averaged
+    with its logits for the left-right mirror images, both views in one call at twice the batch."""
+    logits = forward(torch.cat([batch, batch.flip(-1)])).float()
+    return (logits[: len(batch)] + logits[len(batch) :]) / 2
+
+
 @torch.inference_mode()
-def predict_logits(model: nn.Module, images: torch.Tensor, mean, std, batch_size: int = 256) -> torch.Tensor:
-    """uint8 N x 3 x H x W images -> float32 N x C logits (on CPU)."""
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, mean, std, batch_size: int = 256, test_flip: bool = False
+) -> torch.Tensor:
+    """uint8 N x 3 x H x W images -> float32 N x C logits (on CPU); with ``test_flip``, averaged with the
+    mirror images' (flip_averaged), as a checkpoint with ModelMeta.test_flip answers."""
     weight = next(model.parameters())
     # A float32 model on a GPU (training) runs under bf16 autocast; a prepared bf16 model needs none.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=weight.is_cuda and weight.dtype == torch.float32)
     mean, std = (torch.as_tensor(v, dtype=torch.float32, device=weight.device) for v in (mean, std))
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            return model(as_model_input(batch, model)).float()
+
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = normalize(images[start : start + batch_size].to(weight.device, non_blocking=True), mean, std)
-        with autocast:
-            outputs.append(model(as_model_input(batch, model)).float().cpu())
+        outputs.append((flip_averaged(forward, batch) if test_flip else forward(batch)).cpu())
     return torch.cat(outputs) if outputs else torch.empty(0, 0)
 
 

@@ -28,7 +28,7 @@ from cifar3.engine import (
     predict_probs,
 )
 from cifar3.inference import native_bfloat16, predict_logits
-from cifar3.preprocessing import pil_to_uint8
+from cifar3.preprocessing import normalize, pil_to_uint8
 from training import export
 
 CLASSES = ["airplane", "automobile", "ship"]
@@ -84,12 +84,29 @@ def test_explicit_engines_and_bad_names():
 @pytest.mark.cli
 def test_onnxruntime_equals_pytorch_float32_at_any_batch_size(tiny_checkpoint, onnx_model, images):
     model, meta = load_checkpoint(tiny_checkpoint)
-    expected = meta.scores(predict_logits(model, images, meta.mean, meta.std))[0]
+    assert meta.test_flip  # the cpu preset's: the engines average each image with its mirror image
+    expected = meta.scores(predict_logits(model, images, meta.mean, meta.std, test_flip=True))[0]
     engine, _ = load_engine(tiny_checkpoint, "onnxruntime", onnx_path=onnx_model, threads=1)
     assert isinstance(engine, OnnxRuntimeEngine)
-    assert engine.describe() == {"engine": "onnxruntime", "dtype": "float32", "threads": 1, "device": "cpu"}
+    assert engine.describe() == {"engine": "onnxruntime", "dtype": "float32", "threads": 1, "device": "cpu",
+                                 "test_flip": True}  # fmt: skip
     for batch_size in (1, 5, 12):  # the batch axis is dynamic
         assert torch.allclose(predict_probs(engine, meta, images, batch_size), expected, atol=1e-4)
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("which", ["torch", "onnxruntime"])
+def test_test_flip_averages_each_image_with_its_mirror_image_in_every_engine(tiny_checkpoint, onnx_model, images,
+                                                                             which):  # fmt: skip
+    engine, meta = load_engine(tiny_checkpoint, which, dtype="float32", onnx_path=onnx_model, threads=1)
+    assert engine.test_flip and engine.describe()["test_flip"] is True
+    batch = normalize(images, meta.mean, meta.std)
+    answered = engine(batch)
+    assert torch.allclose(engine(batch.flip(-1)), answered, atol=1e-4)  # an image and its mirror image: one answer
+    engine.test_flip = False  # the runtime alone: one view at a time
+    views = engine(batch), engine(batch.flip(-1))
+    assert not torch.allclose(*views, atol=1e-3)  # the network itself is not symmetric
+    assert torch.allclose(answered, (views[0] + views[1]) / 2, atol=1e-4)
 
 
 @pytest.mark.cli
@@ -141,7 +158,8 @@ def test_int8_export_is_quantized_and_predicts_what_float32_does(tiny_checkpoint
     assert int8.stat().st_size < 0.4 * onnx_model.stat().st_size  # int8 weights: a quarter of the bytes
     quantized, meta = load_engine(tiny_checkpoint, "onnxruntime-int8", onnx_path=int8, threads=1)
     float32, _ = load_engine(tiny_checkpoint, "onnxruntime", onnx_path=onnx_model, threads=1)
-    assert quantized.describe() == {"engine": "onnxruntime-int8", "dtype": "int8", "threads": 1, "device": "cpu"}
+    assert quantized.describe() == {"engine": "onnxruntime-int8", "dtype": "int8", "threads": 1, "device": "cpu",
+                                    "test_flip": True}  # fmt: skip
     p8, p32 = predict_probs(quantized, meta, images), predict_probs(float32, meta, images)
     assert (p8.argmax(1) == p32.argmax(1)).float().mean() >= 0.9
     assert not torch.equal(p8, p32)  # computed in int8, not the float32 graph again

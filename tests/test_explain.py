@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -323,3 +324,22 @@ def test_explanations_work_when_onnx_runtime_serves_predictions(tiny_checkpoint,
         assert torch.allclose(torch.tensor(occluded), expected, atol=1e-2)
     finally:
         server.stop()
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("method", ["input-x-gradient", "grad-cam-layer2", "occlusion"])
+def test_a_test_flip_checkpoint_is_explained_as_it_answers(tiny_checkpoint, method):
+    """Answers average each image with its mirror image, so they are the same for both: the explanation of the
+    mirror image must be the explanation mirrored. The network alone is not symmetric: one view's map is not."""
+    model, meta = load_checkpoint(tiny_checkpoint)
+    assert meta.test_flip
+    batch = eval_transform([sample_image("ship"), sample_image("airplane", seed=1)], meta.image_size, meta.mean,
+                           meta.std)  # fmt: skip
+    targets = [CLASSES.index("ship"), CLASSES.index("airplane")]
+    explainer = build_explainer(model, meta, method)
+    assert explainer.describe()["test_flip"] is True
+    maps = explainer.heatmaps(batch, targets)
+    assert torch.allclose(explainer.heatmaps(batch.flip(-1), targets), maps.flip(-1), atol=1e-3)
+    one_view = build_explainer(model, replace(meta, test_flip=False), method)
+    assert not torch.allclose(one_view.heatmaps(batch.flip(-1), targets), one_view.heatmaps(batch, targets).flip(-1),
+                              atol=1e-2)  # fmt: skip

@@ -593,13 +593,14 @@ def test_ema_run_validates_and_keeps_the_average_and_logs_the_raw_weights(tmp_pa
     out = tmp_path / "ema.pt"
     result = run_cli(PYTHON, "-m", "training.train", "--data", str(image_folder), "--out", str(out), "--limit", "10",
                      "--batch-size", "8", "--variant", "resnet18_imagenet", "--steps", "9", "--ema", "0.5",
-                     "--weight-decay", "0.002", "--easy-keep", "1")  # fmt: skip
+                     "--weight-decay", "0.002", "--easy-keep", "1", "--no-test-flip")  # fmt: skip
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in out.with_suffix(".log.jsonl").read_text().splitlines()]
     # 3 steps an epoch, averaging from step 5 (half-way at 24x24 input): epochs 2 and 3 validate the average
     assert "raw_val_acc" not in records[0] and all("raw_val_acc" in r for r in records[1:])
     meta = load_checkpoint(out)[1]
     assert meta.train_config["ema"] == 0.5 and meta.train_config["weight_decay"] == 0.002
+    assert not meta.test_flip  # so what the checkpoint answers is what chose the epoch:
     assert meta.val_accuracy == max(r["val_acc"] for r in records)
 
 
@@ -915,6 +916,43 @@ def test_own_classes_are_archived_served_and_answered(own_classes_checkpoint, tm
     assert list(answer.probs) == ["lorry", "songbird"] and answer.pred_class in answer.probs
     assert sum(answer.probs.values()) == pytest.approx(1.0, abs=1e-5)
     assert described["classes"] == ["lorry", "songbird"]
+
+
+@pytest.mark.cli
+def test_calibrate_switches_test_flip_and_refits_what_answers_depend_on(tiny_checkpoint, tmp_path):
+    one_view = tmp_path / "one-view.pt"
+    result = run_cli(PYTHON, "-m", "training.calibrate", "--checkpoint", str(tiny_checkpoint), "--no-test-flip",
+                     "--out", str(one_view))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["before"]["test_flip"] is True and line["after"]["test_flip"] is False
+    (flip_model, flip_meta), (model, meta) = load_checkpoint(tiny_checkpoint), load_checkpoint(one_view)
+    assert all(torch.equal(a, b) for a, b in zip(flip_model.state_dict().values(), model.state_dict().values()))
+    assert not meta.test_flip and meta.temperature != flip_meta.temperature
+    assert meta.unknown["threshold"] != flip_meta.unknown["threshold"]
+    assert meta.unknown["validation_images"] == flip_meta.unknown["validation_images"]  # the same splits
+    # what the checkpoint now says of its validation split is what evaluate measures on it, answering one view
+    report = tmp_path / "report"
+    evaluated = run_cli(PYTHON, "-m", "training.evaluate", "--checkpoint", str(one_view), "--validation",
+                        "--dtype", "float32", "--report-dir", str(report))  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["test_flip"] is False and metrics["accuracy"] == pytest.approx(meta.val_accuracy, abs=1e-4)
+    # and back: the calibration training wrote
+    assert run_cli(PYTHON, "-m", "training.calibrate", "--checkpoint", str(one_view), "--test-flip").returncode == 0
+    back = load_checkpoint(one_view)[1]
+    assert back.test_flip and back.val_accuracy == flip_meta.val_accuracy
+    # 18 validation images, all but a few right: the NLL is nearly flat in T, so the fit ends wherever LBFGS's
+    # tolerance does, and training computed the logits in its own memory layout
+    assert back.temperature == pytest.approx(flip_meta.temperature, rel=0.05)
+    assert back.unknown["threshold"] == pytest.approx(flip_meta.unknown["threshold"], rel=0.05)
+
+
+@pytest.mark.cli
+def test_calibrate_errors_are_one_clear_line(tmp_path):
+    result = run_cli(PYTHON, "-m", "training.calibrate", "--checkpoint", str(tmp_path / "missing.pt"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error:") and "checkpoint not found" in result.stderr
 
 
 @pytest.mark.cli

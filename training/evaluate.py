@@ -138,10 +138,16 @@ def unknown_data(args: argparse.Namespace, meta: ModelMeta) -> Dataset | None:
     unknown validation split the checkpoint's threshold was fitted beside, or None."""
     if args.unknown_data:
         return load_unknowns(args.unknown_data, args.data_root, "test", meta.classes)
+    return unknown_validation_split(meta, args.data_root) if args.validation else None
+
+
+def unknown_validation_split(meta: ModelMeta, data_root: Path) -> Dataset | None:
+    """The unknown validation split the checkpoint's threshold was fitted beside, or None if it was trained
+    without unknown images."""
     config = meta.train_config
-    if not (args.validation and config.get("unknown_data")):
+    if not config.get("unknown_data"):
         return None
-    _, val = unknown_split(config["unknown_data"], meta.classes, args.data_root, config["limit"],
+    _, val = unknown_split(config["unknown_data"], meta.classes, data_root, config["limit"],
                            config["val_fraction"], config["seed"])  # fmt: skip
     val.source = f"{config['unknown_data']} (validation split: {config['val_fraction']:.0%}, seed {config['seed']})"
     return val

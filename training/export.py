@@ -82,11 +82,13 @@ def quantize_int8(onnx_path: str | Path, out: str | Path, calibration: torch.Ten
 
 
 def int8_agreement(onnx_path: str | Path, int8_path: str | Path, images: torch.Tensor, meta) -> float:
-    """Share of ``images`` (uint8) on which the int8 model predicts the float32 export's class."""
+    """Share of ``images`` (uint8) on which the int8 model predicts the float32 export's class (each answering
+    as served: with the checkpoint's test-time flip)."""
     threads = torch.get_num_threads()
-    float32 = predict_probs(OnnxRuntimeEngine(onnx_path, threads), meta, images).argmax(1)
-    int8 = predict_probs(OnnxRuntimeEngine(int8_path, threads, int8=True), meta, images).argmax(1)
-    return float((float32 == int8).float().mean())
+    float32, int8 = OnnxRuntimeEngine(onnx_path, threads), OnnxRuntimeEngine(int8_path, threads, int8=True)
+    float32.test_flip = int8.test_flip = meta.test_flip
+    return float((predict_probs(float32, meta, images).argmax(1) == predict_probs(int8, meta, images).argmax(1))
+                 .float().mean())  # fmt: skip
 
 
 def folder_images(folder: Path, count: int, image_size: int) -> torch.Tensor | None:
@@ -104,11 +106,14 @@ def max_difference(checkpoint: str | Path, onnx_path: str | Path, images: torch.
     in the unknown score: the whole batch at once, and image by image (the second run proves the batch axis is
     dynamic and that batching changes nothing)."""
     model, meta = load_checkpoint(checkpoint)  # the network as trained, BatchNorm unfolded: the source of truth
-    expected_probs, expected_scores = meta.scores(predict_logits(model, images, meta.mean, meta.std))
+    expected_probs, expected_scores = meta.scores(
+        predict_logits(model, images, meta.mean, meta.std, test_flip=meta.test_flip)  # as served
+    )
     # The energy score is on the logits' scale (tens for a confident model), where float32's rounding is
     # relative: it counts relative to its size, probabilities (0..1) as they are.
     scale = expected_scores.abs().clamp_min(1.0)
     onnx = OnnxRuntimeEngine(onnx_path, threads=torch.get_num_threads())
+    onnx.test_flip = meta.test_flip
     differences = []
     for batch_size in (256, 1):
         probs, scores = predict_scores(onnx, meta, images, batch_size=batch_size)

@@ -109,6 +109,9 @@ class Recipe:
     # linearly with the rank of its loss when it was last trained, from easy_keep (the lowest loss) to 1 (the
     # highest), so the steps go to the images the model still gets wrong. 1 = every image every epoch.
     easy_keep: float = 1.0
+    # Test-time flip: the checkpoint answers with the logits of each image and its mirror image averaged (twice
+    # the forward compute per image) and is calibrated on those averages (ModelMeta.test_flip).
+    test_flip: bool = False
 
 
 # Hyperparameters of the recipes; docs/training.md says what each reached, where.
@@ -127,16 +130,18 @@ PRESETS = {
     # defect: at equal steps that kept clean accuracy and lifted accuracy on corrupted copies from 0.90x to 0.95x
     # of clean (docs/training.md, "Robustness to ordinary photo variation"). Loss-ranked sampling (easy_keep
     # 0.3) spends the steps on the images still gotten wrong: at equal time it scored 0.64 points more than
-    # every image in every epoch, on average over seven seeds (docs/training.md, "Known images only").
+    # every image in every epoch, on average over seven seeds (docs/training.md, "Known images only"). Test-time
+    # flip added 0.27 points on average over the same seven checkpoints, for twice the forward compute per
+    # image (reports/benchmark.md states what it costs served).
     "cpu": Recipe("resnet18_pool", epochs=8, batch_size=32, lr=0.05, weight_decay=5e-4,
                   label_smoothing=0.1, crop_padding=4, cutout=0, warmup=0.25, time_budget_s=870,
-                  low_res=24, low_res_until=0.5, photo=0.25, easy_keep=0.3),
+                  low_res=24, low_res_until=0.5, photo=0.25, easy_keep=0.3, test_flip=True),
 }  # fmt: skip
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 # Recipe fields a command-line option of the same name (--batch-size for batch_size) overrides.
 OVERRIDES = ("variant", "epochs", "batch_size", "lr", "weight_decay", "low_res", "low_res_until", "warmup",
              "crop_padding", "label_smoothing", "unknown_ratio", "unknown_loss", "synthetic_unknowns", "photo",
-             "ema", "alternating_flip", "easy_keep")  # fmt: skip
+             "ema", "alternating_flip", "easy_keep", "test_flip")  # fmt: skip
 UNKNOWN_LOSSES = (OTHER_CLASS, "outlier-exposure")
 OUTLIER_EXPOSURE_WEIGHT = 0.5  # Hendrycks et al. 2019's weight of the uniform-target term
 
@@ -243,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--easy-keep", type=float, metavar="P",
                    help="loss-ranked sampling: after the first epoch, the image with the lowest last loss enters "
                         "an epoch with probability P, the highest always, linear in rank between; 1 = off")  # fmt: skip
+    p.add_argument(
+        "--test-flip",
+        action=argparse.BooleanOptionalAction,
+        help="answer with the logits of each image and its mirror image averaged (twice the forward compute), "
+        "calibrated on them; python -m training.calibrate switches it for a trained checkpoint",
+    )
     p.add_argument("--limit", type=int, help="use at most N training images per class (quick runs)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="stratified validation split")
     p.add_argument("--seed", type=int, default=0)
@@ -700,32 +711,51 @@ def load_unknown_data(
 
 
 def unknown_decision(
-    model: nn.Module, meta: ModelMeta, val_logits: torch.Tensor, unknown_val: Dataset | None, recipe: Recipe,
-    args: argparse.Namespace,
+    model: nn.Module, meta: ModelMeta, val_logits: torch.Tensor, unknown_val: Dataset | None, unknown_loss: str,
+    unknown_data: str | None,
 ) -> dict:  # fmt: skip
     """The checkpoint's ``unknown`` metadata: the score, the threshold that accepts KNOWN_ACCEPTED of the known
-    validation images, and what it does on them and on the unknown validation images."""
+    validation images, and what it does on them and on the unknown validation images (``unknown_data``'s
+    split, learnt with ``unknown_loss``)."""
     classes = len(meta.classes)
     score = OTHER_CLASS if meta.unknown.get("score") == OTHER_CLASS else ENERGY
     decision = {"score": score}
     known_scores = split_scores(val_logits, classes, meta.temperature, decision)[1]
     unknown_scores = None
     if unknown_val is not None:
-        logits = predict_logits(model.eval(), unknown_val.images, meta.mean, meta.std)
+        logits = predict_logits(model.eval(), unknown_val.images, meta.mean, meta.std, test_flip=meta.test_flip)
         unknown_scores = split_scores(logits, classes, meta.temperature, decision)[1]
     threshold = fit_threshold(known_scores)
-    method = recipe.unknown_loss if unknown_val is not None else "post-hoc"
+    method = unknown_loss if unknown_val is not None else "post-hoc"
     return {
         "method": method,
         **decision,
         "threshold": threshold,
         **rejection_figures(known_scores, unknown_scores, threshold),
-        "unknown_data": unknown_source(args),
+        "unknown_data": unknown_data,
         "validation_images": {
             "known": len(known_scores),
             "unknown": 0 if unknown_scores is None else len(unknown_scores),
         },
     }
+
+
+def calibrate(
+    model: nn.Module, meta: ModelMeta, val_set: Dataset, unknown_val: Dataset | None, unknown_loss: str,
+    unknown_data: str | None,
+) -> None:  # fmt: skip
+    """Fit what ``meta`` answers with to the validation split, on the logits the checkpoint answers with
+    (``meta.test_flip``): the temperature the handler divides the logits by, the top-label confidence map
+    (cifar3/unknown.py, calibrate_confidence), the unknown-image threshold and its figures; and
+    ``meta.val_accuracy``, the split's accuracy as answered. Training calls it once, on the best epoch's
+    model; ``python -m training.calibrate`` again, on a trained checkpoint."""
+    classes = len(meta.classes)
+    val_logits = predict_logits(model.eval(), val_set.images, meta.mean, meta.std, test_flip=meta.test_flip)
+    meta.val_accuracy = round((class_logits(val_logits, classes).argmax(1) == val_set.labels).float().mean().item(), 5)
+    meta.temperature = round(fit_temperature(class_logits(val_logits, classes), val_set.labels), 5)
+    temperature_only = split_scores(val_logits, classes, meta.temperature, meta.unknown)[0]
+    meta.confidence_map = fit_confidence_map(temperature_only, val_set.labels)
+    meta.unknown = unknown_decision(model, meta, val_logits, unknown_val, unknown_loss, unknown_data)
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -908,21 +938,18 @@ def train(args: argparse.Namespace) -> dict:
         raise
 
     best.save(force=True)
-    # Calibrate the best epoch's model on the validation split: the handler divides logits by T,
     model.load_state_dict(best.state)
     meta = copy.deepcopy(best.meta)
-    _, _, val_logits = evaluate_split(model, val_set, mean, std, 0.0, len(classes))
-    meta.temperature = round(fit_temperature(class_logits(val_logits, len(classes)), val_set.labels), 5)
-    # then the top-label map on the temperature-scaled probabilities (cifar3/unknown.py, calibrate_confidence)
-    temperature_only = split_scores(val_logits, len(classes), meta.temperature, meta.unknown)[0]
-    meta.confidence_map = fit_confidence_map(temperature_only, val_set.labels)
-    meta.unknown = unknown_decision(model, meta, val_logits, unknown_val, recipe, args)
+    meta.test_flip = recipe.test_flip
+    calibrate(model, meta, val_set, unknown_val, recipe.unknown_loss, unknown_source(args))
     save_checkpoint(args.out, model, meta)
     checkpoint_ready_s = time.perf_counter() - started
     plot_curves(history, plot_path)
     summary = {
         "checkpoint": str(args.out),
-        "val_accuracy": meta.val_accuracy,
+        "val_accuracy": meta.val_accuracy,  # as the checkpoint answers (test_flip included)
+        "val_accuracy_best_epoch": best.meta.val_accuracy,  # the images alone, which chose the epoch
+        "test_flip": meta.test_flip,
         "unknown": meta.unknown,
         "best_epoch": meta.epoch,
         "temperature": meta.temperature,
