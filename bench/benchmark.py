@@ -12,7 +12,10 @@ One run, one machine, one checkpoint; the phases never overlap, so they do not c
 2. Served: archives the checkpoint (scripts/archive.sh: export + verification), starts a real TorchServe on
    free loopback ports with the repository's config.properties and model-config.yaml, and drives it with
    closed-loop clients (bench/loadgen.py) at concurrency 1, 4, 16, 64: images/s, p50/p90/p99, errors, cores.
-3. Peers, same checkpoint, same load generator: LitServe with dynamic batching and the engine our handler
+3. Test-time flip, what it costs: the same weights calibrated for the other setting (training.calibrate:
+   one view if the checkpoint averages each image with its mirror image, else both), the served engine at
+   one thread in-process and TorchServe at concurrency 1 and 16, beside the checkpoint's own figures.
+4. Peers, same checkpoint, same load generator: LitServe with dynamic batching and the engine our handler
    runs (bench/peers/litserve_server.py), and the prototype's design, FastAPI + uvicorn with eager
    float32 torch and one image per request (bench/peers/prototype_fastapi.py), on free loopback ports,
    stopped afterwards.
@@ -66,6 +69,8 @@ TARGETS = {
     "p99_c16_ms": 150.0,
     "vs_litserve": 1.5,
     "vs_prototype": 4.0,
+    # Test-time flip runs two forward passes' compute per image in one batch: served, it may cost at most that.
+    "flip_c16_vs_one_view": 0.5,
 }
 
 
@@ -374,6 +379,42 @@ def serve_torchserve(checkpoint: Path, model_config: Path, images: list[bytes], 
     return {"settings": settings, "levels": served, "round_trip": floor}
 
 
+def flip_cost(
+    checkpoint: Path, model_config: Path, images: list[bytes], served: dict, onnx: Path, seconds: float,
+    in_process_seconds: float, quick: bool,
+) -> dict:  # fmt: skip
+    """Test-time flip against one view, same weights: the checkpoint and a copy calibrated for the other setting
+    (training.calibrate), each in-process (the served engine, one thread) and served at c=1 and 16."""
+    from cifar3.checkpoint import load_checkpoint
+
+    flip = load_checkpoint(checkpoint)[1].test_flip
+    with tempfile.TemporaryDirectory(prefix="cifar3-bench-flip-") as tmp:
+        other = Path(tmp) / "other.pt"
+        switched = subprocess.run(
+            [sys.executable, "-m", "training.calibrate", "--checkpoint", str(checkpoint), "--out", str(other),
+             "--no-test-flip" if flip else "--test-flip"], check=True, cwd=ROOT, capture_output=True, text=True,
+        )  # fmt: skip
+        calibrated = json.loads(switched.stdout.strip().splitlines()[-1])
+        engine, dtype = served["settings"]["engine"], served["settings"]["dtype"]
+        batches = (1, 8) if quick else (1, 8, 16)
+        spec = {"onnx": str(onnx_file(onnx, engine)), "engine": engine, "dtype": dtype, "threads": 1,
+                "images": images, "seconds": in_process_seconds, "batches": batches}  # fmt: skip
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            runs = pool.apply(_measure_engines, ([{**spec, "checkpoint": str(c)} for c in (checkpoint, other)],))
+        levels = [c for c in (1, 16) if not quick] or [1, 4]
+        other_served = serve_torchserve(other, model_config, images, levels, seconds)
+    own_served = {r["concurrency"]: r for r in served["levels"]}
+    rows = {
+        "checkpoint": {"in_process": runs[0], "served": [own_served[c] for c in levels if c in own_served],
+                       "val_accuracy": calibrated["before"]["val_accuracy"]},
+        "other": {"in_process": runs[1], "served": other_served["levels"],
+                  "val_accuracy": calibrated["after"]["val_accuracy"]},
+    }  # fmt: skip
+    with_flip, one_view = (rows["checkpoint"], rows["other"]) if flip else (rows["other"], rows["checkpoint"])
+    return {"checkpoint_test_flip": flip, "validation": calibrated["validation"], "test_flip": with_flip,
+            "one_view": one_view}  # fmt: skip
+
+
 def round_trip(server: Server, seconds: float) -> dict:
     """TorchServe's own cost of one request without model work: the describe call goes frontend -> worker ->
     our handler -> back, like a prediction minus decode, preprocessing and the forward pass. At c=1 its
@@ -501,6 +542,20 @@ def checks(report: dict) -> list[dict]:
                     ratio >= TARGETS[key],
                     f"{c16['images_per_s']} / {peer} img/s",
                 )
+    cost = report.get("flip_cost")
+    if cost:
+        at = {name: {r["concurrency"]: r for r in cost[name]["served"]} for name in ("test_flip", "one_view")}
+        if 16 in at["test_flip"] and 16 in at["one_view"]:
+            flip, one = at["test_flip"][16]["images_per_s"], at["one_view"][16]["images_per_s"]
+            ratio = round(flip / one, 2)
+            add(
+                "served c=16 with test-time flip / one view",
+                f">= {TARGETS['flip_c16_vs_one_view']}",
+                ratio,
+                ratio >= TARGETS["flip_c16_vs_one_view"],
+                f"{flip} / {one} img/s; validation accuracy {cost['test_flip']['val_accuracy']:.2%} / "
+                f"{cost['one_view']['val_accuracy']:.2%}",
+            )
     return out
 
 
@@ -565,6 +620,7 @@ def markdown(report: dict) -> str:
             for r in levels
         ]
     lines += ["", *[f"- {peer_label(n)}: `python -m {p['command']}`" for n, p in report["peers"].items()], ""]
+    lines += flip_markdown(report.get("flip_cost"))
     lines += [
         "## Targets (ratios of figures from this run)",
         "",
@@ -601,6 +657,45 @@ def markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def flip_markdown(cost: dict | None) -> list[str]:
+    """The test-time flip section: the same weights answering with both views averaged and with one."""
+    if not cost:
+        return []
+    flip, one = cost["test_flip"], cost["one_view"]
+    engine = f"{flip['in_process']['engine']} {flip['in_process']['dtype']}"
+    lines = [
+        "## Test-time flip: what it costs",
+        "",
+        f"The checkpoint {'answers' if cost['checkpoint_test_flip'] else 'does not answer'} with test-time flip "
+        "(the logits of each image and its mirror image averaged: one forward pass at twice the batch); the other "
+        "column is the same weights calibrated for the other setting by `python -m training.calibrate`. "
+        f"Validation accuracy ({cost['validation']}): {flip['val_accuracy']:.2%} with test-time flip, "
+        f"{one['val_accuracy']:.2%} with one view.",
+        "",
+        "| measure | with test-time flip | one view | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+
+    def row(label: str, a: float, b: float) -> str:
+        return f"| {label} | {a} | {b} | {a / b:.2f} |" if b else f"| {label} | {a} | {b} | |"
+
+    forward = "batch1_forward_p50_ms"
+    lines.append(row(f"in-process {engine}, 1 thread: batch-1 forward p50 ms", flip["in_process"][forward],
+                     one["in_process"][forward]))  # fmt: skip
+    for batch, rate in flip["in_process"]["images_per_s_by_batch"].items():
+        lines.append(row(f"in-process {engine}, 1 thread: images/s at batch {batch}", rate,
+                         one["in_process"]["images_per_s_by_batch"][batch]))  # fmt: skip
+    others = {r["concurrency"]: r for r in one["served"]}
+    for level in flip["served"]:
+        other = others.get(level["concurrency"])
+        if other:
+            c = level["concurrency"]
+            lines.append(row(f"TorchServe c={c}: images/s", level["images_per_s"], other["images_per_s"]))
+            lines.append(row(f"TorchServe c={c}: p50 ms", level["p50_ms"], other["p50_ms"]))
+            lines.append(row(f"TorchServe c={c}: p99 ms", level["p99_ms"], other["p99_ms"]))
+    return [*lines, ""]
 
 
 def peer_label(name: str) -> str:
@@ -668,6 +763,10 @@ def main(argv: list[str] | None = None) -> int:
         load_average["served"] = os.getloadavg()[0]
         print(json.dumps(agreement), flush=True)
         served = serve_torchserve(args.checkpoint, args.model_config, images, levels, args.seconds)
+        load_average["test-time flip"] = os.getloadavg()[0]
+        print("test-time flip against one view ...", flush=True)
+        flip = flip_cost(args.checkpoint, args.model_config, images, served, onnx, args.seconds,
+                         args.in_process_seconds, args.quick)  # fmt: skip
         peers = {}
         if not args.no_peers:
             load_average["peers"] = os.getloadavg()[0]
@@ -720,6 +819,7 @@ def main(argv: list[str] | None = None) -> int:
         "parity": agreement,
         "load_average_at_start": {phase: round(value, 2) for phase, value in load_average.items()},
         "served": served,
+        "flip_cost": flip,
         "peers": peers,
     }
     report["checks"] = checks(report)

@@ -155,8 +155,19 @@ def test_benchmark_quick_run_writes_its_report(tiny_checkpoint, tmp_path):
     assert ort["agreement"] == 1.0 and ort["max_probability_difference"] <= 1e-4 and ort["n"] == float32["n"] > 0
     assert report["parity"]["onnxruntime-int8 int8"]["n"] == float32["n"]  # scored on the same images
     assert any(c["check"].startswith("served c=1 p50") for c in report["checks"])
-    assert set(report["load_average_at_start"]) == {"in-process", "parity", "served", "peers"}
+    assert set(report["load_average_at_start"]) == {"in-process", "parity", "served", "test-time flip", "peers"}
+    # test-time flip (the tiny checkpoint's, the cpu preset's) against the same weights calibrated for one view
+    cost = report["flip_cost"]
+    assert cost["checkpoint_test_flip"] is True
+    for name in ("test_flip", "one_view"):
+        run = cost[name]["in_process"]
+        assert run["engine"] == settings["engine"] and run["threads"] == 1 and run["test_flip"] == (name == "test_flip")
+        assert all(rate > 0 for rate in run["images_per_s_by_batch"].values())
+        assert [r["concurrency"] for r in cost[name]["served"]] == [1, 4]
+        assert all(r["errors"] == 0 and r["images_per_s"] > 0 for r in cost[name]["served"])
+        assert 0 <= cost[name]["val_accuracy"] <= 1
     markdown = (out / "benchmark.md").read_text()
+    assert "## Test-time flip: what it costs" in markdown and "| TorchServe c=4: images/s |" in markdown
     assert "| onnxruntime | float32 | 1 |" in markdown and "LitServe" in markdown and "not measured" in markdown
     assert f"\nMachine: {describe_cpu()}; torch " in markdown  # the machine line every report writes
 

@@ -498,6 +498,11 @@ def test_progress_counts_steps_or_the_budgets_clock():
     timed.step = 1
     now[0] = 190.0
     assert timed() == pytest.approx(1.0) and timed.done
+    # test-time flip doubles the calibration's passes; an unknown split as large as the known one doubles them again
+    timed.reserve_for(validation_s=4.0, calibration=4.0)  # (1 + 4) x 4 s + 2 s
+    assert timed() == pytest.approx(90.0 / 78.0) and timed.done
+    now[0] = 178.0
+    assert timed() == pytest.approx(1.0)
 
 
 def test_progressive_resizing_trains_small_inputs_first(image_folder):

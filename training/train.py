@@ -528,10 +528,11 @@ class Progress:
         self.begin = clock()
         self.reserve = 0.0 if budget_end is None else 0.03 * (budget_end - self.begin)  # until measured
 
-    def reserve_for(self, validation_s: float, validations: int = 1) -> None:
-        """The end of a budgeted run: the last epoch's ``validations``, the calibration's, and a save (a second
-        or two)."""
-        self.reserve = (validations + 1) * validation_s + 2.0
+    def reserve_for(self, validation_s: float, validations: int = 1, calibration: float = 1.0) -> None:
+        """The end of a budgeted run: the last epoch's ``validations``, the calibration (``calibration``
+        validations' worth: twice the known split's with test-time flip, and the unknown split's), and a save
+        (a second or two)."""
+        self.reserve = (validations + calibration) * validation_s + 2.0
 
     def __call__(self) -> float:
         if self.budget_end is None:
@@ -888,7 +889,9 @@ def train(args: argparse.Namespace) -> dict:
             validation_start = clock()  # the budget's clock: wall time, or CPU time on a busy machine
             val_loss, val_acc, _ = evaluate_split(model, val_set, mean, std, recipe.label_smoothing, len(classes))
             if epoch == 1:
-                progress.reserve_for(clock() - validation_start, 1 + (average is not None))
+                unknown_share = len(unknown_val) / len(val_set) if unknown_val is not None else 0.0
+                calibration = (1 + recipe.test_flip) * (1 + unknown_share)  # forward passes over the splits
+                progress.reserve_for(clock() - validation_start, 1 + (average is not None), calibration)
             validated, raw = model, {}
             if average is not None and average.n_averaged.item():  # validate, keep and calibrate the average
                 raw = {"raw_val_loss": round(val_loss, 5), "raw_val_acc": round(val_acc, 5)}
