@@ -366,7 +366,7 @@ def serve_torchserve(checkpoint: Path, model_config: Path, images: list[bytes], 
             custom = management.get("customizedMetadata") or {}
             custom = json.loads(custom) if isinstance(custom, str) else custom
             settings = {k: management.get(k) for k in ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers")}
-            settings |= {k: custom.get(k) for k in ("engine", "dtype", "threads", "engine_requested")}
+            settings |= {k: custom.get(k) for k in ("engine", "dtype", "threads", "test_flip", "engine_requested")}
             url = f"{server.inference_url}/predictions/{server.model}"
             headers = server.headers() | {"Content-Type": "application/octet-stream"}
             served = []

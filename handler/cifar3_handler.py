@@ -401,7 +401,7 @@ class Cifar3Handler(BaseHandler):
                 "confidence_map": meta.confidence_map,
                 "trained": meta.created,
                 "epoch": meta.epoch,
-                # what runs the forward pass: engine, dtype, threads, device (requested: model-config's engine)
+                # what runs the forward pass: engine, dtype, threads, device, test_flip (requested: model-config)
                 **self.engine.describe(),
                 "engine_requested": self.requested_engine,
                 "max_image_pixels": self.max_pixels,
