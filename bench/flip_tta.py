@@ -4,7 +4,8 @@ images, and with the two logits averaged.
     .venv/bin/python -m bench.flip_tta CKPT [CKPT ...] --report reports/training/robust/flip-tta
 
 Each checkpoint is scored on the validation split it was selected on (``training.evaluate --validation``'s
-images), in float32. The handler does not average flips: it would run two forward passes per image.
+images), in float32, whatever it answers with: a checkpoint with ``ModelMeta.test_flip`` (the cpu preset's)
+answers the averaged logits ("flip TTA" here), one without answers the images' own.
 """
 
 from __future__ import annotations
