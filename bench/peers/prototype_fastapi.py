@@ -1,5 +1,6 @@
 """The original prototype's design, as a benchmark peer: FastAPI + uvicorn, the model in the server's own
-process, PyTorch eager float32, one image per request (no batching).
+process, PyTorch eager float32, one image per request (no batching). It computes what the checkpoint
+answers (with its test-time flip, if it has one), so that it does the same work as the served model.
 
     .venv/bin/python -m bench.peers.prototype_fastapi --checkpoint checkpoints/cifar3.pt --port 8090
 
@@ -18,6 +19,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
 
 from cifar3.checkpoint import load_checkpoint
+from cifar3.inference import flip_averaged
 from cifar3.preprocessing import ImageDecodeError, decode_image, eval_transform
 
 
@@ -42,7 +44,8 @@ def build_app(checkpoint: Path) -> FastAPI:
         except ImageDecodeError as exc:
             raise HTTPException(400, str(exc)) from None
         with torch.inference_mode():
-            logits = model(eval_transform([image], meta.image_size, meta.mean, meta.std))
+            batch = eval_transform([image], meta.image_size, meta.mean, meta.std)
+            logits = flip_averaged(model, batch) if meta.test_flip else model(batch)
         probs = meta.scores(logits)[0][0].tolist()
         return {"pred_class": meta.classes[max(range(len(probs)), key=probs.__getitem__)],
                 "probs": dict(zip(meta.classes, probs, strict=True))}  # fmt: skip
