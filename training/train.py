@@ -131,8 +131,8 @@ PRESETS = {
     # of clean (docs/training.md, "Robustness to ordinary photo variation"). Loss-ranked sampling (easy_keep
     # 0.3) spends the steps on the images still gotten wrong: at equal time it scored 0.64 points more than
     # every image in every epoch, on average over seven seeds (docs/training.md, "Known images only"). Test-time
-    # flip added 0.27 points on average over the same seven checkpoints, for twice the forward compute per
-    # image (reports/benchmark.md states what it costs served).
+    # flip added 0.32 points on average over nine seeds, for twice the forward compute per image
+    # (docs/training.md, "Test-time flip", states what it costs served).
     "cpu": Recipe("resnet18_pool", epochs=8, batch_size=32, lr=0.05, weight_decay=5e-4,
                   label_smoothing=0.1, crop_padding=4, cutout=0, warmup=0.25, time_budget_s=870,
                   low_res=24, low_res_until=0.5, photo=0.25, easy_keep=0.3, test_flip=True),
