@@ -392,8 +392,11 @@ def flip_cost(
         other = Path(tmp) / "other.pt"
         switched = subprocess.run(
             [sys.executable, "-m", "training.calibrate", "--checkpoint", str(checkpoint), "--out", str(other),
-             "--no-test-flip" if flip else "--test-flip"], check=True, cwd=ROOT, capture_output=True, text=True,
+             "--no-test-flip" if flip else "--test-flip"], check=False, cwd=ROOT, capture_output=True,
+            text=True,
         )  # fmt: skip
+        if switched.returncode:
+            raise RuntimeError(f"training.calibrate could not switch test-time flip: {switched.stderr.strip()}")
         calibrated = json.loads(switched.stdout.strip().splitlines()[-1])
         engine, dtype = served["settings"]["engine"], served["settings"]["dtype"]
         batches = (1, 8) if quick else (1, 8, 16)

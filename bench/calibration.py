@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.checkpoints:
         model, meta = load_checkpoint(path)
         data = validation_split(meta, args.data_root)
-        logits = class_logits(predict_logits(model, data.images, meta.mean, meta.std), len(meta.classes))
+        logits = predict_logits(model, data.images, meta.mean, meta.std, test_flip=meta.test_flip)  # as answered
+        logits = class_logits(logits, len(meta.classes))
         probs = cross_fitted(logits, data.labels, seed=0)
         labels = data.labels.numpy()
         rows.append({"name": path.stem, "checkpoint": str(path), "training": describe_training(meta.train_config),

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     known = validation_split(meta, args.data_root)
     _, unknown = unknown_split(args.unknown_data, meta.classes, args.data_root, config["limit"],
                                config["val_fraction"], config["seed"])  # fmt: skip
-    logits = {name: predict_logits(model, data.images, meta.mean, meta.std)[:, : len(meta.classes)] / meta.temperature
+    logits = {name: predict_logits(model, data.images, meta.mean, meta.std, test_flip=meta.test_flip)
+                    [:, : len(meta.classes)] / meta.temperature  # the logits the checkpoint answers with
               for name, data in (("known", known), ("unknown", unknown))}  # fmt: skip
     results = {}
     for name, score in SCORES.items():

@@ -24,7 +24,7 @@ from test_handler import handle, make_context, model_dir  # noqa: F401  (the fix
 
 from bench.faithfulness import square_hits, square_images, train_squares
 from cifar3.checkpoint import load_checkpoint
-from cifar3.explain import DEFAULT_METHOD, METHODS, build_explainer, stage_grids
+from cifar3.explain import DEFAULT_METHOD, METHODS, build_explainer, scaled, stage_grids
 from cifar3.model import build_model
 from cifar3.preprocessing import eval_transform
 from cifar3_client.client import overlay_heatmap, parse_explanation
@@ -340,6 +340,14 @@ def test_a_test_flip_checkpoint_is_explained_as_it_answers(tiny_checkpoint, meth
     assert explainer.describe()["test_flip"] is True
     maps = explainer.heatmaps(batch, targets)
     assert torch.allclose(explainer.heatmaps(batch.flip(-1), targets), maps.flip(-1), atol=1e-3)
+    if method == "input-x-gradient":  # the gradient of the averaged logit: the mean of each view's, mirrored back
+        from captum.attr import InputXGradient
+
+        def one_view_attributions(views: torch.Tensor) -> torch.Tensor:
+            return InputXGradient(model).attribute(views.clone().requires_grad_(), target=targets).sum(1).detach()
+
+        both = (one_view_attributions(batch) + one_view_attributions(batch.flip(-1)).flip(-1)) / 2
+        assert torch.allclose(maps, scaled(both), atol=1e-4)
     one_view = build_explainer(model, replace(meta, test_flip=False), method)
     assert not torch.allclose(one_view.heatmaps(batch.flip(-1), targets), one_view.heatmaps(batch, targets).flip(-1),
                               atol=1e-2)  # fmt: skip

@@ -954,6 +954,20 @@ def test_calibrate_switches_test_flip_and_refits_what_answers_depend_on(tiny_che
 
 
 @pytest.mark.cli
+def test_calibrate_keeps_a_checkpoint_without_an_unknown_record_answering_without_a_threshold(
+    own_classes_checkpoint, tmp_path
+):
+    model, meta = load_checkpoint(own_classes_checkpoint)  # no other-class output, trained without unknown images
+    old = tmp_path / "old.pt"
+    save_checkpoint(old, model, dataclasses.replace(meta, unknown={}))  # as written before unknown images
+    result = run_cli(PYTHON, "-m", "training.calibrate", "--checkpoint", str(old), "--no-test-flip",
+                     "--data", meta.train_config["data"])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    switched = load_checkpoint(old)[1]
+    assert switched.unknown == {} and not switched.test_flip and switched.train_config["test_flip"] is False
+
+
+@pytest.mark.cli
 def test_calibrate_errors_are_one_clear_line(tmp_path):
     result = run_cli(PYTHON, "-m", "training.calibrate", "--checkpoint", str(tmp_path / "missing.pt"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
