@@ -45,7 +45,7 @@ from cifar3.classes import DEFAULT_CLASSES
 from cifar3.engine import load_engine
 from cifar3.explain import DEFAULT_METHOD, METHODS, build_explainer
 from cifar3.hardware import describe_machine
-from cifar3.inference import flip_averaged
+from cifar3.inference import answer_logits
 from cifar3.preprocessing import eval_transform, normalize
 from cifar3_client.client import overlay_heatmap
 from training.evaluate import validation_split
@@ -197,7 +197,7 @@ def square_hits(model, meta, method: str, samples, engine=None) -> int:
     """How many of ``samples`` (square_images) get a map for their predicted class that peaks on the square."""
     batch = eval_transform([image for _, image, _ in samples], meta.image_size, meta.mean, meta.std)
     with torch.no_grad():  # the class the checkpoint answers (with its test-time flip, if it has one)
-        predicted = (flip_averaged(model, batch) if meta.test_flip else model(batch))[:, : len(meta.classes)].argmax(1)
+        predicted = answer_logits(model, batch, meta.test_flip)[:, : len(meta.classes)].argmax(1)
     maps = build_explainer(model, meta, method, engine).heatmaps(batch, predicted.tolist())
     hits = 0
     for heatmap, (_, _, (top, left)) in zip(maps, samples, strict=True):

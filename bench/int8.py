@@ -73,14 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         sizes = {"float32": float_onnx.stat().st_size, "int8": int8_onnx.stat().st_size}
         probs = {}
         for name, path in (("float32", float_onnx), ("int8", int8_onnx)):
-            engine = OnnxRuntimeEngine(path, threads=cores, int8=name == "int8")
-            engine.test_flip = meta.test_flip  # as the checkpoint answers (load_engine does the same)
+            engine = OnnxRuntimeEngine(path, threads=cores, int8=name == "int8", test_flip=meta.test_flip)
             probs[name] = predict_probs(engine, meta, val.images)
             scores[name] = float((probs[name].argmax(1) == val.labels).float().mean())
             batch = normalize(val.images[:64], meta.mean, meta.std)
             for threads in sorted({1, cores}):
-                engine = OnnxRuntimeEngine(path, threads=threads, int8=name == "int8")
-                engine.test_flip = meta.test_flip
+                engine = OnnxRuntimeEngine(path, threads=threads, int8=name == "int8", test_flip=meta.test_flip)
                 rows += [{"engine": name, "threads": threads, **rate(engine, batch, b, args.seconds)} for b in BATCHES]
     agreement = float((probs["int8"].argmax(1) == probs["float32"].argmax(1)).float().mean())
     report = {

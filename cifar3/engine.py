@@ -13,7 +13,7 @@ Engines (``handler.engine`` in model-config.yaml, ``training.evaluate --engine``
 - ``auto``: the fastest of them for the hardware, decided by ``choose_engine`` below and nowhere else.
 
 A checkpoint with ``ModelMeta.test_flip`` is answered by every engine alike: the logits of each image and of
-its mirror image, averaged (cifar3/inference.py, flip_averaged).
+its mirror image, averaged (cifar3/inference.py, answer_logits).
 
 Whoever serves, evaluates or measures calls ``load_engine``, so they run the same engine, dtype and
 threads; ``Engine.describe()`` says which (the describe API reports it).
@@ -32,9 +32,9 @@ import torch
 from cifar3.checkpoint import ModelMeta, load_checkpoint
 from cifar3.inference import (
     DTYPES,
+    answer_logits,
     as_model_input,
     dtype_name,
-    flip_averaged,
     inference_dtype,
     native_bfloat16,
     prepare_for_inference,
@@ -83,7 +83,7 @@ def choose_engine(requested: str, device: torch.device, dtype: str = "auto") -> 
 
 class Engine:
     """Normalized float32 N x 3 x H x W batch -> float32 logits on CPU, N x outputs (ModelMeta.num_outputs).
-    With ``test_flip`` (set by load_engine from the checkpoint's ModelMeta.test_flip), every engine averages
+    With ``test_flip`` (the checkpoint's ModelMeta.test_flip: load_engine passes it), every engine averages
     them with the mirror images' logits, one runtime call at twice the batch."""
 
     name: str
@@ -92,7 +92,7 @@ class Engine:
     test_flip: bool = False
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        return flip_averaged(self.logits, batch) if self.test_flip else self.logits(batch)
+        return answer_logits(self.logits, batch, self.test_flip)
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """The runtime's logits for the batch as it is."""
@@ -110,8 +110,9 @@ class Engine:
 class TorchEngine(Engine):
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, test_flip: bool = False):
         self.model = prepare_for_inference(model, dtype)
+        self.test_flip = test_flip
         self.dtype = dtype
         self.device = next(self.model.parameters()).device
 
@@ -127,9 +128,10 @@ class TorchEngine(Engine):
 class OnnxRuntimeEngine(Engine):
     device = torch.device("cpu")
 
-    def __init__(self, onnx_path: str | Path, threads: int | None = None, int8: bool = False):
+    def __init__(self, onnx_path: str | Path, threads: int | None = None, int8: bool = False, test_flip: bool = False):
         import onnxruntime as ort
 
+        self.test_flip = test_flip
         self.name, self.dtype = ("onnxruntime-int8", torch.int8) if int8 else ("onnxruntime", torch.float32)
         if not Path(onnx_path).is_file():
             raise FileNotFoundError(f"no exported model at {onnx_path}")
@@ -174,12 +176,11 @@ def load_engine(
     if threads:
         torch.set_num_threads(int(threads))
     model, meta = load_checkpoint(checkpoint, device)
-    built = _build_engine(checkpoint, model, engine, device, dtype, threads, onnx_path, exporter)
-    built.test_flip = meta.test_flip  # the checkpoint was calibrated on what it answers
-    return built, meta
+    # the checkpoint was calibrated on what it answers: its test_flip goes to whichever engine runs
+    return _build_engine(checkpoint, model, engine, device, dtype, threads, onnx_path, exporter, meta.test_flip), meta
 
 
-def _build_engine(checkpoint, model, engine, device, dtype, threads, onnx_path, exporter) -> Engine:
+def _build_engine(checkpoint, model, engine, device, dtype, threads, onnx_path, exporter, test_flip) -> Engine:
     choice = choose_engine(engine, device, dtype)
     if choice.engine == "onnxruntime-int8" and onnx_path is None:
         raise ValueError(f"engine onnxruntime-int8 runs an archive's quantized model ({ONNX_INT8_FILE}, written by "
@@ -187,17 +188,17 @@ def _build_engine(checkpoint, model, engine, device, dtype, threads, onnx_path, 
     if choice.engine in ONNX_FILES:
         try:
             if onnx_path is not None:
-                return OnnxRuntimeEngine(onnx_path, threads, int8=choice.engine == "onnxruntime-int8")
+                return OnnxRuntimeEngine(onnx_path, threads, choice.engine == "onnxruntime-int8", test_flip)
             if exporter is None:
                 raise FileNotFoundError("no exported model (onnx_path) and no exporter to write one")
             with tempfile.TemporaryDirectory(prefix="cifar3-onnx-") as folder:
                 exported = exporter(checkpoint, Path(folder) / "cifar3.onnx")
-                return OnnxRuntimeEngine(exported, threads)  # the session holds the graph in memory
+                return OnnxRuntimeEngine(exported, threads, test_flip=test_flip)  # the session holds the graph
         except Exception as exc:  # whatever stops ONNX Runtime must not leave a dead worker
             choice = choose_engine("torch", device, dtype if dtype in ("auto", *DTYPES) else "auto")
             logger.warning("engine %s: onnxruntime cannot run here (%s); running torch %s instead",
                            engine, exc, dtype_name(choice.dtype))  # fmt: skip
-    return TorchEngine(model, choice.dtype)
+    return TorchEngine(model, choice.dtype, test_flip)
 
 
 def predict_scores(

@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from cifar3.inference import flip_averaged
+from cifar3.inference import answer_logits
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # torchvision ResNet's residual stages, input to output
 OCCLUSION_WINDOW, OCCLUSION_STRIDE = 8, 4  # pixels; 7 x 7 = 49 masked copies of a 32 x 32 image
@@ -184,7 +184,7 @@ class Explainer:
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """The logits the checkpoint answers with, differentiable: the model's, or with test-time flip the
         average over the image and its mirror image."""
-        return flip_averaged(self.model, batch) if self.test_flip else self.model(batch)
+        return answer_logits(self.model, batch, self.test_flip)
 
     def describe(self) -> dict:
         """What every explanation says about how it was made."""
@@ -206,12 +206,10 @@ def build_explainer(model: nn.Module, meta, method: str, engine: Callable | None
     perturbation methods' masked copies; default: the model itself."""
     model = model.float().eval()
 
-    def logits(batch: torch.Tensor) -> torch.Tensor:
-        if engine is not None and method in ("occlusion", "feature-ablation"):
-            return engine(batch)
-        return flip_averaged(model, batch) if meta.test_flip else model(batch)
-
     def probs(batch: torch.Tensor) -> torch.Tensor:
-        return meta.scores(logits(batch))[0]
+        if engine is not None and method in ("occlusion", "feature-ablation"):
+            return meta.scores(engine(batch))[0]
+        return meta.scores(explainer.forward(batch))[0]
 
-    return Explainer(model, meta.image_size, len(meta.classes), method, probs, meta.test_flip)
+    explainer = Explainer(model, meta.image_size, len(meta.classes), method, probs, meta.test_flip)
+    return explainer

@@ -74,9 +74,14 @@ def as_model_input(batch: torch.Tensor, model: nn.Module) -> torch.Tensor:
     return batch.to(weight.device, weight.dtype, non_blocking=True).contiguous(memory_format=fmt)
 
 
-def flip_averaged(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
-    """Test-time flip (``ModelMeta.test_flip``): ``forward``'s float32 logits for a normalized batch averaged
-    with its logits for the left-right mirror images, both views in one call at twice the batch."""
+def answer_logits(
+    forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, test_flip: bool
+) -> torch.Tensor:
+    """The logits a checkpoint answers with for a normalized batch: ``forward``'s, or with test-time flip
+    (``ModelMeta.test_flip``) its float32 logits averaged with those of the left-right mirror images, both
+    views in one call at twice the batch."""
+    if not test_flip:
+        return forward(batch)
     logits = forward(torch.cat([batch, batch.flip(-1)])).float()
     return (logits[: len(batch)] + logits[len(batch) :]) / 2
 
@@ -86,7 +91,7 @@ def predict_logits(
     model: nn.Module, images: torch.Tensor, mean, std, batch_size: int = 256, test_flip: bool = False
 ) -> torch.Tensor:
     """uint8 N x 3 x H x W images -> float32 N x C logits (on CPU); with ``test_flip``, averaged with the
-    mirror images' (flip_averaged), as a checkpoint with ModelMeta.test_flip answers."""
+    mirror images' (answer_logits), as a checkpoint with ModelMeta.test_flip answers."""
     weight = next(model.parameters())
     # A float32 model on a GPU (training) runs under bf16 autocast; a prepared bf16 model needs none.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=weight.is_cuda and weight.dtype == torch.float32)
@@ -99,7 +104,7 @@ def predict_logits(
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = normalize(images[start : start + batch_size].to(weight.device, non_blocking=True), mean, std)
-        outputs.append((flip_averaged(forward, batch) if test_flip else forward(batch)).cpu())
+        outputs.append(answer_logits(forward, batch, test_flip).cpu())
     return torch.cat(outputs) if outputs else torch.empty(0, 0)
 
 

@@ -85,8 +85,8 @@ def int8_agreement(onnx_path: str | Path, int8_path: str | Path, images: torch.T
     """Share of ``images`` (uint8) on which the int8 model predicts the float32 export's class (each answering
     as served: with the checkpoint's test-time flip)."""
     threads = torch.get_num_threads()
-    float32, int8 = OnnxRuntimeEngine(onnx_path, threads), OnnxRuntimeEngine(int8_path, threads, int8=True)
-    float32.test_flip = int8.test_flip = meta.test_flip
+    float32 = OnnxRuntimeEngine(onnx_path, threads, test_flip=meta.test_flip)
+    int8 = OnnxRuntimeEngine(int8_path, threads, int8=True, test_flip=meta.test_flip)
     return float((predict_probs(float32, meta, images).argmax(1) == predict_probs(int8, meta, images).argmax(1))
                  .float().mean())  # fmt: skip
 
@@ -112,8 +112,7 @@ def max_difference(checkpoint: str | Path, onnx_path: str | Path, images: torch.
     # The energy score is on the logits' scale (tens for a confident model), where float32's rounding is
     # relative: it counts relative to its size, probabilities (0..1) as they are.
     scale = expected_scores.abs().clamp_min(1.0)
-    onnx = OnnxRuntimeEngine(onnx_path, threads=torch.get_num_threads())
-    onnx.test_flip = meta.test_flip
+    onnx = OnnxRuntimeEngine(onnx_path, threads=torch.get_num_threads(), test_flip=meta.test_flip)
     differences = []
     for batch_size in (256, 1):
         probs, scores = predict_scores(onnx, meta, images, batch_size=batch_size)

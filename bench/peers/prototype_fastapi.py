@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
 
 from cifar3.checkpoint import load_checkpoint
-from cifar3.inference import flip_averaged
+from cifar3.inference import answer_logits
 from cifar3.preprocessing import ImageDecodeError, decode_image, eval_transform
 
 
@@ -45,7 +45,7 @@ def build_app(checkpoint: Path) -> FastAPI:
             raise HTTPException(400, str(exc)) from None
         with torch.inference_mode():
             batch = eval_transform([image], meta.image_size, meta.mean, meta.std)
-            logits = flip_averaged(model, batch) if meta.test_flip else model(batch)
+            logits = answer_logits(model, batch, meta.test_flip)
         probs = meta.scores(logits)[0][0].tolist()
         return {"pred_class": meta.classes[max(range(len(probs)), key=probs.__getitem__)],
                 "probs": dict(zip(meta.classes, probs, strict=True))}  # fmt: skip
